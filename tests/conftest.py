@@ -1,0 +1,37 @@
+"""Shared test fixtures: paths to the real data, GPU marker handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+ORIGINALS_SAMPLE = SHARED_DATA / "kermany-originals-sample"
+TRAIN_224 = SHARED_DATA / "kermany-train-224"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - any import problem means no usable GPU
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def require_dir(path: Path) -> Path:
+    """Skip the calling test, with the reason, when a real-data folder is absent."""
+    if not path.is_dir():
+        pytest.skip(f"real data not present at {path} (see ../shared/data/README.md)")
+    return path

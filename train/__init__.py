@@ -1,0 +1,1 @@
+"""cxr-pipeline: train."""
