@@ -35,3 +35,13 @@ def require_dir(path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not present at {path} (see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A synthetic shards folder (96 images at ~96 px, >= 2 shards per split) built once per test session."""
+    from pipelines.make_shards import make_shards
+
+    out = tmp_path_factory.mktemp("tiny-shards") / "synthetic"
+    make_shards(None, out, synthetic=96, synthetic_size=96, min_shards=2, seed=0, progress=False)
+    return out
