@@ -1,0 +1,97 @@
+"""scripts/compare_runs.py on run directories that follow the train/run.py contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from train.config import load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "compare_runs.py"
+
+
+def write_run(run_dir: Path, overrides: list[str], aurocs: list[float], *, images_per_sec: float, evaluated: bool) -> Path:
+    """A run directory as train/run.py leaves it: config.yaml, metrics.jsonl, summary.json [, eval-test/]."""
+    run_dir.mkdir(parents=True)
+    save_config(load_config(None, [*overrides, f"--run.dir={run_dir}"]), run_dir / "config.yaml")
+    rows, step = [], 0
+    for epoch, auc in enumerate(aurocs):
+        for _ in range(3):
+            step += 1
+            rows.append({"step": step, "epoch": epoch, "train/loss": 1.0 / step, "train/lr": 1e-3})
+        rows.append({"step": step, "epoch": epoch, "val/auroc": auc, "val/loss": 0.5, "perf/images_per_sec": images_per_sec})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best_epoch = max(range(len(aurocs)), key=aurocs.__getitem__)
+    summary = {"best_val_auroc": aurocs[best_epoch], "best_epoch": best_epoch, "wall_time_s": 12.5,
+               "images_per_sec": images_per_sec, "steps": step}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if evaluated:
+        (run_dir / "eval-test").mkdir()
+        metrics = {"accuracy": {"value": 0.875, "ci95": [0.8, 0.93]}, "auroc": {"value": 0.9123, "ci95": [0.85, 0.96]}}
+        (run_dir / "eval-test" / "report.json").write_text(json.dumps({"metrics": metrics}))
+    return run_dir
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_two_runs_list_differing_keys_results_and_write_png(tmp_path):
+    a = write_run(tmp_path / "base", ["--optim.lr=0.001"], [0.7, 0.81, 0.78], images_per_sec=250.0, evaluated=True)
+    b = write_run(tmp_path / "fast", ["--optim.lr=0.0003", "--data.image_size=128"], [0.6, 0.65, 0.9],
+                  images_per_sec=410.0, evaluated=False)
+    png, md = tmp_path / "cmp.png", tmp_path / "cmp.md"
+    result = run_script(a, b, "--out", png, "--markdown", md)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out == md.read_text() + f"\ncurves: {png}\n"
+    diff_rows = {line.split("|")[1].strip(" `"): line for line in out.splitlines() if line.startswith("| `")}
+    assert set(diff_rows) == {"optim.lr", "data.image_size", "run.dir"}
+    assert "0.001" in diff_rows["optim.lr"] and "0.0003" in diff_rows["optim.lr"]
+    results = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith(("| base", "| fast"))}
+    assert "0.8100 (1)" in results["base"] and "0.912 [0.850, 0.960]" in results["base"] and "250.0" in results["base"]
+    assert "0.9000 (2)" in results["fast"] and "not evaluated" in results["fast"] and "410.0" in results["fast"]
+    with Image.open(png) as image:
+        assert image.size[0] > 500 and image.size[1] > 200
+
+
+def test_incomplete_run_dir_names_what_is_missing(tmp_path):
+    good = write_run(tmp_path / "good", [], [0.7], images_per_sec=1.0, evaluated=False)
+    broken = write_run(tmp_path / "broken", [], [0.7], images_per_sec=1.0, evaluated=False)
+    (broken / "summary.json").unlink()
+    (broken / "metrics.jsonl").unlink()
+    result = run_script(good, broken, "--out", tmp_path / "x.png")
+    assert result.returncode == 2
+    assert "broken is incomplete: missing metrics.jsonl, summary.json" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+    (broken / "metrics.jsonl").write_text("")
+    (broken / "summary.json").write_text(json.dumps({"best_val_auroc": 0.7}))
+    result = run_script(good, broken, "--out", tmp_path / "x.png")
+    assert result.returncode == 2 and "missing keys best_epoch, wall_time_s, images_per_sec" in result.stderr
+
+    result = run_script(good, tmp_path / "nope")
+    assert result.returncode == 2 and "nope does not exist" in result.stderr
+
+
+def test_arguments_are_checked():
+    result = run_script()
+    assert result.returncode == 2 and "either run directories or --wandb" in result.stderr
+    result = run_script("runs/x", "--group", "g")
+    assert result.returncode == 2 and "need --wandb" in result.stderr
+
+
+def test_identical_configs_say_so(tmp_path):
+    a = write_run(tmp_path / "a", [], [0.5, 0.6], images_per_sec=1.0, evaluated=False)
+    b = tmp_path / "b"
+    b.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        (b / name).write_bytes((a / name).read_bytes())
+    result = run_script(a, b, "--out", tmp_path / "c.png")
+    assert result.returncode == 0, result.stderr
+    assert "All runs have the same config." in result.stdout
