@@ -33,13 +33,14 @@ class DataConfig:
     num_workers: int = 4  # DALI CPU threads / DataLoader workers
     train_split: str = "train"
     val_split: str = "val"
-    # Train augmentation; the eval policy is resize + centre crop (pipelines.spec.PreprocessSpec).
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
-    rotation_deg: float = 7.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    hflip: bool = False  # chest anatomy is not mirror-symmetric (heart on the left)
+    # Augmentation and eval policy: same names and defaults as pipelines.spec.PreprocessSpec (a test pins it).
+    train_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area fraction
+    train_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # crop aspect ratio range
+    train_rotate_deg: float = 7.0
+    train_brightness: float = 0.2
+    train_contrast: float = 0.2
+    train_hflip: bool = False  # chest anatomy is not mirror-symmetric (heart on the left)
+    eval_crop_fraction: float = 1.0  # resize shorter side to size / fraction, then centre crop
 
 
 @dataclass(frozen=True)
