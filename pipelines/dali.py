@@ -1,0 +1,187 @@
+"""DALI loader: webdataset shards -> decode (GPU `mixed` or CPU) -> crop/resize/augment -> normalized HWC.
+
+`image_ops` is the pure graph (what happens to one batch of JPEG bytes); `wds_pipeline` adds the
+reader; `DaliLoader` is the thin iterator that turns pipeline outputs into `Batch`es on the device,
+following `pipelines.plan` for rank slices and batch counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from pipelines.batch import Batch
+from pipelines.manifest import FIX_HINT, ShardsError
+from pipelines.plan import SplitShards, batches_per_epoch, rank_range, real_batch_sizes, sample_key, tar_order
+from pipelines.spec import PreprocessSpec
+
+_DALI_FLOAT = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
+
+
+def image_ops(jpegs, *, spec: PreprocessSpec, train: bool, device: str, hw_decoder_load: float = 0.65,
+              dtype=types.FLOAT):
+    """JPEG bytes -> normalized `image_size`² HWC images with `spec.channels` channels.
+
+    `device` is "gpu" (nvJPEG `mixed` decode, every later op on the GPU) or "cpu". Training
+    decodes only the random crop window (`decoders.image_random_crop`, ROI decoding), which is
+    cheaper than decoding the whole radiograph and cropping afterwards.
+    """
+    size = spec.image_size
+    decode_device = "mixed" if device == "gpu" else "cpu"
+    decode_args = {"hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
+    if train:
+        images = fn.decoders.image_random_crop(
+            jpegs, device=decode_device, output_type=types.GRAY, random_area=list(spec.train_scale),
+            random_aspect_ratio=list(spec.train_ratio), num_attempts=10, **decode_args)
+        images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR)
+        if spec.train_rotate_deg > 0:
+            angle = fn.random.uniform(range=[-spec.train_rotate_deg, spec.train_rotate_deg])
+            images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+        if spec.train_brightness > 0 or spec.train_contrast > 0:
+            images = fn.brightness_contrast(
+                images,
+                brightness=fn.random.uniform(range=[1 - spec.train_brightness, 1 + spec.train_brightness]),
+                contrast=fn.random.uniform(range=[1 - spec.train_contrast, 1 + spec.train_contrast]))
+        crop_args = {}
+        mirror = fn.random.coin_flip() if spec.train_hflip else 0
+    else:
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.GRAY, **decode_args)
+        images = fn.resize(images, resize_shorter=spec.eval_resize_size, antialias=True,
+                           interp_type=types.INTERP_LINEAR)
+        crop_args = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
+        mirror = 0
+    if spec.channels == 3:
+        images = fn.cat(images, images, images, axis=2)
+    return fn.crop_mirror_normalize(
+        images, dtype=dtype, output_layout="HWC", mirror=mirror,
+        mean=[spec.mean * 255.0] * spec.channels, std=[spec.std * 255.0] * spec.channels, **crop_args)
+
+
+@pipeline_def
+def wds_pipeline(*, tars: Sequence[str], indexes: Sequence[str], spec: PreprocessSpec, train: bool, device: str,
+                 shard_id: int, num_shards: int, reader_seed: int, hw_decoder_load: float, dtype):
+    """Reader + `image_ops`; outputs (images HWC, cls bytes, source_info bytes naming tar:offset:member)."""
+    jpegs, cls = fn.readers.webdataset(
+        paths=list(tars), index_paths=list(indexes), ext=["jpg", "cls"], shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=train, seed=reader_seed, pad_last_batch=not train, name="Reader",
+        missing_component_behavior="error")
+    # The reader's source_info is "<tar>:<offset>:<member name>", so keys come from the tar itself
+    # rather than from an extra `.json` read and parse per sample.
+    source = fn.get_property(jpegs, key="source_info")
+    images = image_ops(jpegs, spec=spec, train=train, device=device, hw_decoder_load=hw_decoder_load, dtype=dtype)
+    return images, cls, source
+
+
+class DaliLoader:
+    """Iterable of `Batch` over one split, for one rank (see `pipelines.plan` for the epoch rules).
+
+    A fresh pipeline is built per epoch: its reader seed and tar order then depend only on
+    (seed, epoch), so `set_epoch` after a resume reproduces the uninterrupted run, and an epoch
+    never starts mid-way through the previous one's reader state.
+    """
+
+    name = "dali"
+
+    def __init__(self, shards: SplitShards, *, spec: PreprocessSpec, per_device_batch_size: int, train: bool,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0,
+                 num_threads: int = 2, dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
+                 prefetch_queue_depth: int = 2, reason: str = ""):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards, self.spec, self.train = shards, spec, train
+        self.per_device_batch_size, self.rank, self.world_size = per_device_batch_size, rank, world_size
+        self.device, self.seed, self.dtype = torch.device(device), seed, dtype
+        self.num_threads, self.hw_decoder_load, self.prefetch_queue_depth = num_threads, hw_decoder_load, prefetch_queue_depth
+        self.reason = reason
+        self.num_samples = shards.num_samples
+        self.epoch = 0
+        self._len = batches_per_epoch(self.num_samples, per_device_batch_size, world_size, train=train)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _build(self):
+        order = tar_order(len(self.shards.tars), train=self.train, seed=self.seed, epoch=self.epoch)
+        on_gpu = self.device.type == "cuda"
+        # Seeds differ per rank (different augmentations) and per epoch; DALI wants them < 2**31.
+        base = int(np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**31 - 1, size=2)[0])
+        pipe = wds_pipeline(
+            batch_size=self.per_device_batch_size, num_threads=self.num_threads,
+            device_id=(self.device.index or 0) if on_gpu else None, seed=base,
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            tars=[str(self.shards.tars[i]) for i in order], indexes=[str(self.shards.indexes[i]) for i in order],
+            spec=self.spec, train=self.train, device="gpu" if on_gpu else "cpu", shard_id=self.rank,
+            num_shards=self.world_size, reader_seed=(base + 1) % (2**31 - 1), hw_decoder_load=self.hw_decoder_load,
+            dtype=_DALI_FLOAT.get(self.dtype, types.FLOAT))
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            raise self._error(exc) from exc
+        return pipe
+
+    def _error(self, exc: Exception) -> ShardsError:
+        return ShardsError(
+            f"DALI could not read split {self.shards.split!r} of {self.shards.shards_dir}: {exc}\n"
+            f"(a sample without its .jpg or .cls, a truncated tar or a stale .idx); "
+            f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
+
+    def _run(self, pipe) -> Batch:
+        try:
+            images, cls, source = pipe.run()
+        except RuntimeError as exc:
+            raise self._error(exc) from exc
+        keys = [sample_key(bytes(source.at(i)).decode()) for i in range(len(source))]
+        labels = np.empty(len(keys), dtype=np.int64)
+        for i, key in enumerate(keys):
+            text = bytes(cls.at(i)).decode(errors="replace").strip()
+            if not text.isdigit():
+                tar = bytes(source.at(i)).decode().rsplit(":", 2)[0]
+                raise ShardsError(f"sample {key} in {tar} has a bad .cls ({text!r}, expected 0 or 1); "
+                                  f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
+            labels[i] = int(text)
+        dense = images.as_tensor()
+        out = torch.empty(dense.shape(), dtype=self._out_dtype(), device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        # NHWC storage seen as NCHW: the channels_last layout the model wants, with no copy.
+        batch_images = out.permute(0, 3, 1, 2)
+        if batch_images.dtype != self.dtype:
+            batch_images = batch_images.to(self.dtype, memory_format=torch.channels_last)
+        batch_labels = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        return Batch(batch_images, batch_labels, keys)
+
+    def _out_dtype(self) -> torch.dtype:
+        return self.dtype if self.dtype in _DALI_FLOAT else torch.float32
+
+    def __iter__(self) -> Iterator[Batch]:
+        sizes = real_batch_sizes(self.num_samples, self.per_device_batch_size, self.rank, self.world_size,
+                                 train=self.train)
+        pipe = self._build()
+        last = None
+        try:
+            for real in sizes:
+                if real == 0:
+                    # Evaluation filler so every rank yields the same number of batches.
+                    yield Batch(last.images[-1:], last.labels[-1:], last.keys[-1:])
+                    continue
+                batch = self._run(pipe)
+                if real < len(batch.keys):
+                    # pad_last_batch repeats the rank's last sample; keep only the real ones.
+                    batch = Batch(batch.images[:real], batch.labels[:real], batch.keys[:real])
+                last = batch
+                yield batch
+        finally:
+            del pipe
+
+    def rank_samples(self) -> int:
+        """Samples this rank holds in the current epoch (for logging)."""
+        lo, hi = rank_range(self.num_samples, self.rank, self.world_size)
+        return hi - lo
+

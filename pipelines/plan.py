@@ -1,0 +1,107 @@
+"""Which samples each rank reads in an epoch, and how many batches that makes.
+
+Both loaders follow this plan so DALI and the torch fallback yield the same batches (same keys in
+the same order in evaluation) and every rank agrees on the batch count:
+- the split's tars are concatenated in manifest order (training: a permutation drawn from
+  seed + epoch, identical on every rank, so each epoch gives every rank a different slice);
+- rank r of R reads the contiguous sample range [floor(r*N/R), floor((r+1)*N/R)), which is how
+  DALI's readers partition with `shard_id`/`num_shards`, so rank slices are disjoint;
+- training yields floor(floor(N/R) / B) full batches on every rank (the smallest rank slice bounds
+  it), so no rank waits in an all-reduce that another rank never reaches;
+- evaluation yields ceil(ceil(N/R) / B) batches on every rank: all of the rank's samples, the last
+  batch partial, and a rank with one sample fewer ends on a 1-sample filler batch (a duplicate of
+  its last sample, removed by `pipelines.gather.gather_predictions`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.manifest import FIX_HINT, ShardsError, load_manifest
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    """A split's tar/index files (absolute paths, manifest order) and sample counts."""
+
+    shards_dir: Path
+    split: str
+    tars: tuple[Path, ...]
+    indexes: tuple[Path, ...]
+    samples: tuple[int, ...]
+    manifest: dict
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.samples)
+
+
+def resolve_split(shards_dir: str | Path, split: str) -> SplitShards:
+    """Read the manifest and check that the split's tars and indexes exist, naming the fix if not."""
+    shards_dir = Path(shards_dir)
+    manifest = load_manifest(shards_dir)
+    fix = FIX_HINT.format(dir=shards_dir)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ShardsError(f"{shards_dir / 'manifest.json'} has no split {split!r} (has {sorted(splits)}); {fix}")
+    entries = splits[split].get("shards", [])
+    if not entries:
+        raise ShardsError(f"split {split!r} of {shards_dir} has no shards; {fix}")
+    tars, indexes, samples = [], [], []
+    for entry in entries:
+        tar, index = shards_dir / entry["tar"], shards_dir / entry["index"]
+        for path, what in ((tar, "shard"), (index, "DALI index (.idx)")):
+            if not path.is_file():
+                raise ShardsError(f"{what} {path} listed in {shards_dir / 'manifest.json'} is missing; {fix}")
+        tars.append(tar)
+        indexes.append(index)
+        samples.append(int(entry["samples"]))
+    return SplitShards(shards_dir, split, tuple(tars), tuple(indexes), tuple(samples), manifest)
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of the global sample positions rank `rank` reads (DALI's shard partition)."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def tar_order(num_tars: int, *, train: bool, seed: int, epoch: int) -> list[int]:
+    """Tar visiting order: a seeded per-epoch permutation in training, manifest order in evaluation."""
+    if not train:
+        return list(range(num_tars))
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_tars)]
+
+
+def batches_per_epoch(num_samples: int, per_device_batch_size: int, world_size: int, *, train: bool) -> int:
+    """Batches every rank yields per epoch (the same number on all ranks)."""
+    if train:
+        count = (num_samples // world_size) // per_device_batch_size
+        if count == 0:
+            raise ValueError(
+                f"{num_samples} training samples over {world_size} rank(s) do not fill one batch of "
+                f"{per_device_batch_size}; lower per_device_batch_size or use more data"
+            )
+        return count
+    if num_samples < world_size:
+        raise ValueError(f"{num_samples} evaluation samples cannot be spread over {world_size} ranks")
+    max_rank_samples = math.ceil(num_samples / world_size)
+    return math.ceil(max_rank_samples / per_device_batch_size)
+
+
+def real_batch_sizes(num_samples: int, per_device_batch_size: int, rank: int, world_size: int, *,
+                     train: bool) -> list[int]:
+    """Size of each batch this rank yields; 0 marks an evaluation filler batch (see module doc)."""
+    count = batches_per_epoch(num_samples, per_device_batch_size, world_size, train=train)
+    if train:
+        return [per_device_batch_size] * count
+    lo, hi = rank_range(num_samples, rank, world_size)
+    return [max(0, min(per_device_batch_size, hi - lo - b * per_device_batch_size)) for b in range(count)]
+
+
+def sample_key(name: str) -> str:
+    """Sample key of a tar member or source-info string (`.../train-00000042.jpg` -> `train-00000042`)."""
+    base = name.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    return base.split(".", 1)[0]
