@@ -106,7 +106,7 @@ def render_synthetic(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_
     for side in (-1, 1):
         lx = cx + side * (0.17 + rng.normal(0, 0.01))
         lungs = np.maximum(lungs, np.exp(-(((x - lx) / lung_w) ** 4 + ((y - 0.50) / lung_h) ** 4)))
-    img -= 0.30 * lungs
+    img -= 0.38 * lungs
     heart = np.exp(-(((x - cx - 0.05) / 0.11) ** 2 + ((y - 0.66) / 0.13) ** 2))
     mediastinum = np.exp(-(((x - cx) / 0.06) ** 2)) * (y > 0.15)
     img += 0.22 * np.maximum(heart, mediastinum) * torso
@@ -125,7 +125,7 @@ def render_synthetic(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_
     if item.label == 1:
         texture = 0.6 + 0.4 * _smooth_field(rng, (h, w), 32)
         # Wide contrast range on purpose: the faint end is what keeps the task from being trivial.
-        strength = rng.uniform(0.05, 0.28)
+        strength = rng.uniform(0.06, 0.36)
         opacity = np.zeros_like(img)
         if item.subtype == "virus":
             for _ in range(rng.integers(6, 14)):
