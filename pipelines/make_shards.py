@@ -158,7 +158,7 @@ def scan_source(src: Path) -> tuple[Path, list[Entry], list[dict]]:
             raise ShardsError(f"split folder {_display(split_dir)} has no {' or '.join(missing)} folder; {LAYOUT}")
         for label_name, class_dir in class_dirs.items():
             for path in sorted(class_dir.rglob("*")):
-                if path.is_dir():
+                if path.is_dir() and not path.is_symlink():
                     continue
                 if any(part.startswith(".") for part in path.relative_to(class_dir).parts):
                     skipped.append({"path": rel(path), "reason": "hidden file"})
