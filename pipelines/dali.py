@@ -7,7 +7,9 @@ following `pipelines.plan` for rank slices and batch counts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +61,22 @@ def image_ops(jpegs, *, spec: PreprocessSpec, train: bool, device: str, hw_decod
     return fn.crop_mirror_normalize(
         images, dtype=dtype, output_layout="HWC", mirror=mirror,
         mean=[spec.mean * 255.0] * spec.channels, std=[spec.std * 255.0] * spec.channels, **crop_args)
+
+
+def _name_bad_sample(message: str) -> str | None:
+    """Turn DALI's "Underful sample ... index file at "X.idx" line N" into the shard and key it means."""
+    found = re.search(r'index file at "([^"]+)" line (\d+)', message)
+    if not found:
+        return None
+    index, line = Path(found.group(1)), int(found.group(2))
+    try:
+        fields = index.read_text().splitlines()[line].split()
+    except (OSError, IndexError):
+        return None
+    exts = {fields[i] for i in range(0, len(fields), 4)}
+    key = sample_key(fields[3]) if len(fields) >= 4 else f"#{line}"
+    missing = sorted({"jpg", "cls"} - exts) or ["a component"]
+    return f"sample {key} in shard {index.with_suffix('.tar')} has no {', '.join('.' + m for m in missing)}"
 
 
 @pipeline_def
@@ -127,6 +145,9 @@ class DaliLoader:
         return pipe
 
     def _error(self, exc: Exception) -> ShardsError:
+        named = _name_bad_sample(str(exc))
+        if named:
+            return ShardsError(f"{named}; {FIX_HINT.format(dir=self.shards.shards_dir)}")
         return ShardsError(
             f"DALI could not read split {self.shards.split!r} of {self.shards.shards_dir}: {exc}\n"
             f"(a sample without its .jpg or .cls, a truncated tar or a stale .idx); "

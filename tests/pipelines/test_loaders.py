@@ -1,0 +1,66 @@
+"""build_loader: choice and reason, errors, and the 2-rank contract under torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.loaders import build_loader
+from pipelines.manifest import ShardsError
+from pipelines.spec import PreprocessSpec
+from tests.pipelines._shard_truth import split_labels
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_auto_picks_dali_and_says_why(tiny_shards):
+    spec = PreprocessSpec.from_manifest(tiny_shards, image_size=32)
+    auto = build_loader(tiny_shards, "val", spec=spec, per_device_batch_size=4, train=False)
+    assert auto.name == "dali" and "nvidia-dali" in auto.reason and "CPU" in auto.reason
+    forced = build_loader(tiny_shards, "val", spec=spec, per_device_batch_size=4, train=False, loader="torch")
+    assert forced.name == "torch" and "requested" in forced.reason
+    assert auto.num_samples == forced.num_samples == len(split_labels(tiny_shards, "val"))
+    assert len(auto) == len(forced)
+
+
+def test_bad_arguments_and_missing_data(tiny_shards, tmp_path):
+    spec = PreprocessSpec()
+    with pytest.raises(ShardsError, match=rf"(?s){tmp_path / 'none'}.*make_shards.py"):
+        build_loader(tmp_path / "none", "train", spec=spec, per_device_batch_size=4, train=True)
+    with pytest.raises(ShardsError, match="no split 'holdout'"):
+        build_loader(tiny_shards, "holdout", spec=spec, per_device_batch_size=4, train=False)
+    with pytest.raises(ValueError, match="loader must be"):
+        build_loader(tiny_shards, "val", spec=spec, per_device_batch_size=4, train=False, loader="ffcv")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_two_ranks_disjoint_train_equal_batches_exactly_once_eval(tiny_shards, tmp_path, loader):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                    str(REPO / "tests/pipelines/_two_rank_worker.py"), str(tiny_shards), loader, str(tmp_path)],
+                   check=True, env=env, cwd=REPO, timeout=240, capture_output=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {r["name"] for r in ranks} == {loader}
+    assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == ranks[0]["train_len"] > 0
+    assert not set(ranks[0]["train_keys"]) & set(ranks[1]["train_keys"])
+    assert ranks[0]["eval_len"] == ranks[1]["eval_len"]
+    truth = split_labels(tiny_shards, "test")
+    # Exactly once after the gather, on every rank, with the right labels; test has 7 samples
+    # (3 + 4 over 2 ranks, batches of 3), so rank 0 ends on a filler duplicate and rank 1 on a partial batch.
+    assert len(truth) % 2 == 1
+    for r in ranks:
+        assert r["gathered_keys"] == sorted(truth)
+        assert r["gathered_labels"] == [truth[k] for k in sorted(truth)]
+    assert set(ranks[0]["eval_keys"]) | set(ranks[1]["eval_keys"]) == set(truth)
