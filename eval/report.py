@@ -135,6 +135,7 @@ def build_report(
     n_resamples: int = 1000,
     seed: int = 0,
     tta_probs=None,
+    tta_description: str = "",
     provenance: dict | None = None,
 ) -> dict:
     """Everything `report.json` holds, computed from predictions only (NaN kept; see `write_report`)."""
@@ -159,7 +160,7 @@ def build_report(
     if tta_probs is not None:
         tta_probs = np.asarray(tta_probs, dtype=np.float64)
         report["tta"] = {
-            "description": "mean probability over the image and its horizontal flip; same threshold",
+            "description": tta_description,
             **metrics_with_ci(labels, tta_probs, threshold, n_resamples=n_resamples, seed=seed),
             "subtypes": subtype_recall(keys, labels, tta_probs, threshold, metadata),
         }
@@ -312,7 +313,8 @@ def render_markdown(report: dict) -> str:
         for name, s in report["subtypes"].items():
             lines.append(f"| {name} | {s['positives']} | {s['detected']} | {_fmt_ci({'value': s['recall'], 'ci95': s['ci95']})} |")
     if "tta" in report:
-        lines += ["", "Test-time augmentation (reported separately; the headline numbers above do not use it):", "",
+        lines += ["", f"Test-time augmentation ({report['tta']['description']}; same threshold), reported separately: "
+                  "the headline numbers above do not use it.", "",
                   "| Metric | With TTA [95% CI] |", "|---|---|"]
         lines += [f"| {METRIC_TITLES[k]} | {_fmt_ci(report['tta']['metrics'][k])} |" for k in M.RATE_KEYS]
     if report["undefined"]:

@@ -1,0 +1,284 @@
+"""Evaluate a trained run on a split: metrics with 95% CIs, plots, predictions, W&B eval run.
+
+    python -m eval.run --run runs/demo --split test
+
+    python -m eval.run --run RUN_DIR [--split test] [--shards DIR] [--threshold val|0.5|FLOAT]
+        [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
+
+Multi-GPU / multi-process (each sample is predicted on one rank and counted exactly once):
+
+    accelerate launch --config_file accelerate_config.yaml --multi_gpu --num_processes 8 -m eval.run --run RUN_DIR
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval.run --run RUN_DIR
+
+Loads `RUN_DIR/best/model.safetensors` with `best/config.yaml` and the preprocessing of `best/meta.json`,
+and writes `RUN_DIR/eval-<split>/`: report.json, report.md, predictions.csv, confusion_matrix.png,
+roc_curve.png, pr_curve.png (and val_predictions.csv when the threshold is chosen on validation).
+`--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
+model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
+unchanged to the requested split; the test set is never used to pick it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch import nn
+
+from eval import metrics as M
+from eval import report as R
+from pipelines.gather import gather_predictions
+from pipelines.loaders import build_loader
+from pipelines.manifest import ShardsError, load_manifest
+from pipelines.spec import PreprocessSpec
+from train.config import Config, ConfigError, config_to_dict, read_config
+from train.model import build_model
+
+BEST_FILES = ("model.safetensors", "config.yaml", "meta.json")
+# Centre zooms only: flips are not label-preserving for chest X-rays (the heart sits on the left), and
+# training never saw them.
+TTA_ZOOMS = (1.0, 0.9, 0.8)
+TTA_DESCRIPTION = "mean probability over centre crops of 100%, 90% and 80% of the image, resized back"
+
+
+class EvalError(ValueError):
+    """A run directory or argument that cannot be evaluated; the message names the path and the fix."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="training run directory (train/run.py --run.dir)")
+    parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
+    parser.add_argument("--shards", type=Path, help="shards folder (default: the run's data.shards)")
+    parser.add_argument("--threshold", default="val",
+                        help="'val': choose on the validation split and apply unchanged; or a fixed number, e.g. 0.5")
+    parser.add_argument("--target-sensitivity", type=float,
+                        help="with --threshold val: the most specific threshold reaching this sensitivity "
+                             "on validation, instead of Youden's J")
+    parser.add_argument("--tta", action="store_true", help="also report test-time augmentation (separately)")
+    parser.add_argument("--batch-size", type=int, help="per-device batch size (default: data.per_device_eval_batch_size)")
+    parser.add_argument("--loader", choices=("auto", "dali", "torch"), help="default: the run's data.loader")
+    parser.add_argument("--num-workers", type=int, help="default: the run's data.num_workers")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--wandb", choices=("true", "false"), help="log a W&B eval run (default: the run's log.wandb)")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval-<split>)")
+    args = parser.parse_args(argv)
+    if args.threshold != "val":
+        try:
+            value = float(args.threshold)
+        except ValueError:
+            parser.error(f"--threshold must be 'val' or a number in [0, 1], got {args.threshold!r}")
+        if not 0.0 <= value <= 1.0:
+            parser.error(f"--threshold must be in [0, 1], got {value}")
+        if args.target_sensitivity is not None:
+            parser.error("--target-sensitivity chooses a threshold on validation; it needs --threshold val")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+# --- building blocks ------------------------------------------------------------------------------------
+
+
+def load_trained(run_dir: Path) -> tuple[Config, dict, nn.Module]:
+    """The best model of a run, its config and meta; a clear error when the run has not exported one."""
+    best = run_dir / "best"
+    missing = [name for name in BEST_FILES if not (best / name).is_file()]
+    if missing:
+        raise EvalError(
+            f"{best} lacks {', '.join(missing)}: no best model was exported. Train first: `accelerate launch "
+            f"train/run.py --config train/configs/<recipe>.yaml --run.dir={run_dir}` (best/ is written after the "
+            "first validated epoch)")
+    cfg = read_config(best / "config.yaml")
+    meta = json.loads((best / "meta.json").read_text())
+    # Weights come from the run; a pretrained path in the config would only matter (and must exist) for init.
+    model = build_model(dataclasses.replace(cfg.model, pretrained="", compile=False), cfg.data.channels)
+    state = load_file(str(best / "model.safetensors"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise EvalError(f"{best / 'model.safetensors'} does not match model.arch={cfg.model.arch} "
+                        f"with {cfg.data.channels} input channel(s): {exc}") from exc
+    return cfg, meta, model
+
+
+def preprocess_spec(meta: dict, cfg: Config, manifest: dict) -> PreprocessSpec:
+    """The exact spec training validated with (normalisation from the *training* shards), from meta.json."""
+    if "spec" in meta:
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()}
+        return PreprocessSpec(**values)
+    return PreprocessSpec.from_manifest(manifest, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                        eval_crop_fraction=cfg.data.eval_crop_fraction)
+
+
+def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+    size = images.shape[-1]
+    views = []
+    for zoom in TTA_ZOOMS:
+        if zoom == 1.0:
+            views.append(images)
+            continue
+        crop = max(1, round(size * zoom))
+        start = (size - crop) // 2
+        patch = images[..., start:start + crop, start:start + crop]
+        views.append(F.interpolate(patch, size=images.shape[-2:], mode="bilinear", align_corners=False,
+                                   antialias=False).contiguous(memory_format=torch.channels_last))
+    return views
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, accelerator: Accelerator, tta: bool):
+    """(keys, probs, labels, tta_probs | None) over the whole split, each sample once, on every rank."""
+    model.eval()
+    keys: list[str] = []
+    probs, labels, tta_probs = [], [], []
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(batch.images)
+        probs.append(torch.softmax(logits.float(), dim=1)[:, 1])
+        labels.append(batch.labels)
+        keys.extend(batch.keys)
+        if tta:
+            with accelerator.autocast():
+                views = [torch.softmax(model(v).float(), dim=1)[:, 1] for v in tta_views(batch.images)]
+            tta_probs.append(torch.stack(views).mean(dim=0))
+    # One device->host copy per split instead of one per batch.
+    probs_np = torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)
+    labels_np = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64)
+    out_keys, out_probs, out_labels = gather_predictions(keys, probs_np, labels_np)
+    out_tta = None
+    if tta:
+        tta_np = torch.cat(tta_probs).cpu().numpy() if tta_probs else np.zeros(0, np.float32)
+        tta_keys, out_tta, _ = gather_predictions(keys, tta_np, labels_np)
+        assert list(tta_keys) == list(out_keys), "gather_predictions must sort by key deterministically"
+        out_tta = np.asarray(out_tta, dtype=np.float64)
+    return list(out_keys), np.asarray(out_probs, np.float64), np.asarray(out_labels, np.int64), out_tta
+
+
+def build_accelerator() -> Accelerator:
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    # Same rule as training: bf16 autocast on CPU is far slower than fp32, so CPU evaluation runs fp32.
+    return Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else requested)
+
+
+def choose_threshold(args, val_predictions) -> tuple[float, dict]:
+    if args.threshold != "val":
+        return float(args.threshold), {"method": "fixed"}
+    _, val_probs, val_labels, _ = val_predictions
+    if args.target_sensitivity is not None:
+        choice = M.select_threshold(val_labels, val_probs, "sensitivity", args.target_sensitivity)
+    else:
+        choice = M.select_threshold(val_labels, val_probs, "youden")
+    at = M.binary_metrics(val_labels, val_probs, choice["threshold"])
+    info = {k: v for k, v in choice.items() if k not in ("threshold", "sensitivity", "specificity")}
+    info["chosen_on"] = "val"
+    info["validation"] = {"samples": int(len(val_labels)), "recall": at["recall"], "specificity": at["specificity"],
+                          "youden_j": choice["youden_j"]}
+    return choice["threshold"], info
+
+
+def provenance(args, run_dir: Path, shards: Path, cfg: Config, meta: dict, loader, accelerator) -> dict:
+    return {
+        "run": run_dir.name,
+        "run_dir": str(run_dir),
+        "shards": str(shards),
+        "checkpoint_epoch": meta.get("epoch"),
+        "arch": cfg.model.arch,
+        "loader": loader.name,
+        "loader_reason": loader.reason,
+        "world_size": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "command": " ".join(["python -m eval.run", *sys.argv[1:]]),
+        "sha256": {
+            "model": R.file_sha256(run_dir / "best" / "model.safetensors"),
+            "config": R.file_sha256(run_dir / "best" / "config.yaml"),
+            "manifest": R.file_sha256(shards / "manifest.json"),
+        },
+    }
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_dir = args.run
+    if not run_dir.is_dir():
+        raise EvalError(f"run directory {run_dir} does not exist; pass the --run.dir of a finished training run")
+    cfg, meta, model = load_trained(run_dir)
+    shards = args.shards or Path(cfg.data.shards)
+    manifest = load_manifest(shards)
+    for split in {args.split, cfg.data.val_split} if args.threshold == "val" else {args.split}:
+        if split not in manifest["splits"]:
+            raise EvalError(f"split {split!r} is not in {shards / 'manifest.json'} "
+                            f"(it has {', '.join(sorted(manifest['splits']))})")
+    accelerator = build_accelerator()
+    model = model.to(accelerator.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    spec = preprocess_spec(meta, cfg, manifest)
+
+    def loader_for(split: str):
+        # Sharded by global rank; the loader pads so every rank has batches, gather_predictions de-duplicates.
+        return build_loader(
+            shards, split, spec=spec, per_device_batch_size=args.batch_size or cfg.data.per_device_eval_batch_size,
+            train=False, loader=args.loader or cfg.data.loader, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
+            num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers)
+
+    loader = loader_for(args.split)
+    keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
+    val_predictions = None
+    if args.threshold == "val":
+        val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
+            predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return 0
+
+    threshold, threshold_info = choose_threshold(args, val_predictions)
+    metadata = R.load_sample_metadata(shards, args.split, manifest)
+    report = R.build_report(
+        keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
+        metadata=metadata, n_resamples=args.bootstrap, seed=args.seed, tta_probs=tta_probs,
+        tta_description=TTA_DESCRIPTION, provenance=provenance(args, run_dir, shards, cfg, meta, loader, accelerator))
+    out_dir = args.out or run_dir / f"eval-{args.split}"
+    paths = R.write_report(out_dir, report, keys, labels, probs, metadata, tta_probs=tta_probs)
+    if val_predictions is not None and args.split != cfg.data.val_split:
+        val_keys, val_probs, val_labels, _ = val_predictions
+        R.write_predictions_csv(out_dir / "val_predictions.csv", val_keys, val_labels, val_probs, threshold,
+                                R.load_sample_metadata(shards, cfg.data.val_split, manifest))
+    use_wandb = cfg.log.wandb if args.wandb is None else args.wandb == "true"
+    if use_wandb:
+        from eval.wandb_logging import log_eval_run
+
+        config = {**config_to_dict(cfg), "eval": {"run_dir": str(run_dir), "shards": str(shards), "tta": args.tta,
+                                                   "threshold": args.threshold, "bootstrap": args.bootstrap}}
+        wandb_dir = log_eval_run(log_cfg=cfg.log, run_dir=run_dir, split=args.split, report=report, keys=keys,
+                                 labels=labels, probs=probs, metadata=metadata, config=config,
+                                 images={k: v for k, v in paths.items() if k.endswith(".png")})
+        print(f"W&B eval run: {wandb_dir}")
+    print(paths["report.md"].read_text())
+    print(f"evaluation written to {out_dir}")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (EvalError, ConfigError, ShardsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
