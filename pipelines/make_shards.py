@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
@@ -402,26 +403,30 @@ def _pixel_stats(histogram: np.ndarray) -> dict:
     return {"mean": round(mean, 6), "std": round(math.sqrt(max(var, 0.0)), 6), "pixels": int(count)}
 
 
-def _imap(function, tasks, workers: int, description: str, progress: bool):
-    """Ordered map over a process pool (results do not depend on the worker count) with a progress bar."""
+def _imap(function, tasks, pool, workers: int, description: str, progress: bool):
+    """Ordered map (results do not depend on the worker count) with a progress bar; in-process without a pool."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), desc=description, unit="img", disable=not progress, file=sys.stderr)
     try:
-        if workers <= 1:
-            for task in tasks:
-                yield function(task)
-                bar.update()
-            return
-        import multiprocessing
-
-        # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for result in pool.imap(function, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8)))):
-                yield result
-                bar.update()
+        if pool is None:
+            results = map(function, tasks)
+        else:
+            results = pool.imap(function, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8))))
+        for result in results:
+            yield result
+            bar.update()
     finally:
         bar.close()
+
+
+def _start_pool(workers: int):
+    if workers <= 1:
+        return None
+    import multiprocessing
+
+    # spawn, not fork: the caller may hold threads (torch, DALI) that a forked child would inherit locked.
+    return multiprocessing.get_context("spawn").Pool(workers)
 
 
 def build_command(src, out, options: dict) -> list[str]:
@@ -471,13 +476,25 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
                 max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY, shard_mb: float = DEFAULT_SHARD_MB,
                 min_shards: int = DEFAULT_MIN_SHARDS, val_fraction: float = 0.1, carve_val: bool | None = None,
                 seed: int = 0, workers: int = 1, overwrite: bool = False, strict: bool = False,
-                progress: bool = True, command: list[str] | None = None) -> dict:
+                progress: bool = True, command: list[str] | None = None, timings: dict | None = None) -> dict:
     """Convert `src` (Kaggle layout) or `synthetic` generated images into shards under `out`; return the manifest.
 
     `carve_val`: None carves val from train by patient when the source val split is missing or has fewer
     than 100 images; True always does; False never does. Raises `ShardsError` for unusable input or
-    output paths, and with `strict` when any input was rejected (nothing is written then).
+    output paths, and with `strict` when any input was rejected (nothing is written then). `timings`, when
+    given, is filled with wall seconds per stage (`scan`, `hash`, `convert`, `write`, `total`); they are kept
+    out of the manifest so reruns stay byte-identical.
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+    started = clock
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 4)
+        clock = now
+
     out = Path(out)
     options = {"synthetic": synthetic, "synthetic_size": synthetic_size if synthetic else None, "max_side": max_side,
                "quality": quality, "shard_mb": shard_mb, "min_shards": min_shards, "val_fraction": val_fraction,
@@ -505,9 +522,12 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
         source = _display(root.resolve())
         num_inputs = len(entries) + len(skipped)
     tmp = _prepare_out(out, overwrite)
+    lap("scan")
+    pool = None
     try:
+        pool = _start_pool(workers)
         if not synthetic:
-            hashed = list(_imap(_hash_task, entries, workers, "hash", progress))
+            hashed = list(_imap(_hash_task, entries, pool, workers, "hash", progress))
             readable = []
             hashes = []
             for entry, (digest, error) in zip(entries, hashed, strict=True):
@@ -522,6 +542,7 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
                 # The tiny source val split joins train first, so every image can land in the carved val.
                 entries = [replace(e, split="train") if e.split == "val" else e for e in entries]
                 entries = carve_val_by_patient(entries, val_fraction, seed)
+        lap("hash")
         splits = [s for s in SPLITS if any(e.split == s for e in entries)]
         ordered = []
         for split_number, split in enumerate(SPLITS):
@@ -535,7 +556,7 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
         handles = {s: open(spools[s], "wb") for s in splits}  # noqa: SIM115 - closed in finally below
         passthrough = 0
         try:
-            for entry, result in zip(ordered, _imap(_convert_task, tasks, workers, "convert", progress), strict=True):
+            for entry, result in zip(ordered, _imap(_convert_task, tasks, pool, workers, "convert", progress), strict=True):
                 if result[0] == "rejected":
                     rejected.append({"path": entry.path, "reason": result[1]})
                     continue
@@ -548,6 +569,7 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
         finally:
             for handle in handles.values():
                 handle.close()
+        lap("convert")
         if strict and rejected:
             listing = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:10])
             raise ShardsError(f"--strict: {len(rejected)} input(s) rejected, nothing written to {out}: {listing}"
@@ -591,7 +613,11 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
         # The manifest goes last: a folder with a manifest.json is a complete one.
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         _publish(tmp, out, overwrite)
+        lap("write")
+        timings["total"] = round(time.perf_counter() - started, 4)
     finally:
+        if pool is not None:
+            pool.terminate()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
