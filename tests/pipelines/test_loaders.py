@@ -64,3 +64,16 @@ def test_two_ranks_disjoint_train_equal_batches_exactly_once_eval(tiny_shards, t
         assert r["gathered_keys"] == sorted(truth)
         assert r["gathered_labels"] == [truth[k] for k in sorted(truth)]
     assert set(ranks[0]["eval_keys"]) | set(ranks[1]["eval_keys"]) == set(truth)
+
+
+def test_benchmark_script_writes_results(tiny_shards, tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "scripts/benchmark_throughput.py"), "--what", "loader",
+                    "--loaders", "dali,torch", "--shards", str(tiny_shards), "--split", "val", "--image-size", "32",
+                    "--batch-size", "2", "--num-workers", "1", "--device", "cpu", "--json", str(out)],
+                   check=True, cwd=REPO, timeout=120, capture_output=True)
+    report = json.loads(out.read_text())
+    assert [r["loader"] for r in report["results"]] == ["dali", "torch"]
+    # val has 8 samples, batches of 2, one warm-up batch: 6 timed images.
+    assert all(r["images"] == 6 and r["images_per_sec"] > 0 for r in report["results"])
+    assert report["versions"]["nvidia.dali"] and "--what loader" in report["command"]
