@@ -8,7 +8,9 @@
 Multi-GPU / multi-process (each sample is predicted on one rank and counted exactly once):
 
     accelerate launch --config_file accelerate_config.yaml --multi_gpu --num_processes 8 -m eval.run --run RUN_DIR
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval.run --run RUN_DIR
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval.run --run-dir RUN_DIR
+
+(`--run-dir` is `--run` under torchrun, which would read `--run` as an abbreviation of its `--run-path`.)
 
 Loads `RUN_DIR/best/model.safetensors` with `best/config.yaml` and the preprocessing of `best/meta.json`,
 and writes `RUN_DIR/eval-<split>/`: report.json, report.md, predictions.csv, confusion_matrix.png,
@@ -56,7 +58,9 @@ class EvalError(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path, help="training run directory (train/run.py --run.dir)")
+    # `--run-dir` is the spelling for torchrun, whose own `--run-path` option claims the abbreviation `--run`.
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                        help="training run directory (train/run.py --run.dir)")
     parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
     parser.add_argument("--shards", type=Path, help="shards folder (default: the run's data.shards)")
     parser.add_argument("--threshold", default="val",

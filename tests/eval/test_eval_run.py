@@ -1,0 +1,178 @@
+"""`python -m eval.run` end to end on a smoke-trained run, one and two ranks, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _eval_smoke import REPO, offline_env, train_smoke
+from PIL import Image
+
+from eval import metrics as M
+from eval import report as R
+
+pytestmark = pytest.mark.slow
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def run_eval(run_dir: Path, *args: str, tmp: Path, ranks: int = 1) -> subprocess.CompletedProcess:
+    env = offline_env(tmp)
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "eval.run", "--run", str(run_dir), *args]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [str(TORCHRUN), "--nproc_per_node", str(ranks), "-m", "eval.run", "--run-dir", str(run_dir), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def wandb_records(path: Path):
+    """Records of an offline `.wandb` file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, header = 32768, 7
+    pos, pending = header, b""
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + header:pos + header + length]
+        pos += header + length
+        if kind in (1, 2):  # full / first
+            pending = chunk
+        else:  # middle / last
+            pending += chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def offline_run_summary(wandb_root: Path) -> tuple[dict, dict]:
+    (run_file,) = wandb_root.glob("wandb/offline-run-*/run-*.wandb")
+    summary, run_info = {}, {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "run":
+            run_info = {"project": record.run.project, "job_type": record.run.job_type, "name": record.run.display_name}
+    return summary, run_info
+
+
+def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path):
+    result = run_eval(smoke_run, "--split", "test", "--tta", "--wandb", "true", "--bootstrap", "300", tmp=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = smoke_run / "eval-test"
+    for name in ("report.json", "report.md", "predictions.csv", "val_predictions.csv", "confusion_matrix.png",
+                 "roc_curve.png", "pr_curve.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((Path(report["provenance"]["shards"]) / "manifest.json").read_text())
+    assert report["samples"] == manifest["splits"]["test"]["samples"]  # every test image, once
+
+    # The threshold is the one Youden's J picks on the saved validation predictions, applied to test.
+    val = R.read_predictions_csv(out / "val_predictions.csv")
+    assert len(val["keys"]) == manifest["splits"]["val"]["samples"]
+    assert report["threshold"]["method"] == "youden" and report["threshold"]["chosen_on"] == "val"
+    assert report["threshold"]["value"] == M.select_threshold(val["labels"], val["probs"])["threshold"]
+
+    test = R.read_predictions_csv(out / "predictions.csv")
+    again = R.build_report(test["keys"], test["labels"], test["probs"], split="test",
+                           threshold=report["threshold"]["value"], threshold_info={}, metadata=test["metadata"],
+                           n_resamples=report["bootstrap"]["resamples"], seed=report["bootstrap"]["seed"],
+                           tta_probs=test["tta_probs"])
+    for section in ("metrics", "confusion", "subtypes"):
+        assert json.loads(json.dumps(R._finite_or_none(again[section]))) == report[section], section
+    assert json.loads(json.dumps(R._finite_or_none(again["tta"]["metrics"]))) == report["tta"]["metrics"]
+    assert set(report["subtypes"]) <= {"bacteria", "virus"} and report["subtypes"]
+    assert report["provenance"]["sha256"]["model"] == R.file_sha256(smoke_run / "best" / "model.safetensors")
+    assert report["provenance"]["sha256"]["manifest"] == R.file_sha256(Path(report["provenance"]["shards"]) / "manifest.json")
+
+    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.size[0] > 300 and image.size[1] > 300
+    assert "| AUROC |" in (out / "report.md").read_text()
+
+    summary, run_info = offline_run_summary(tmp_path)
+    assert run_info["job_type"] == "eval" and run_info["project"] == "cxr-pipeline"
+    assert summary["test/threshold"] == report["threshold"]["value"]
+    assert summary["test/tp"] == report["confusion"]["tp"] and summary["test/samples"] == report["samples"]
+    for key in ("accuracy", "recall", "specificity", "f1", "pr_auc"):
+        if report["metrics"][key]["value"] is not None:
+            assert summary[f"test/{key}"] == pytest.approx(report["metrics"][key]["value"]), key
+    logged = {k.rsplit("/", 1)[0] for k in summary}  # media and tables are summarised as <key>/<field>
+    assert {"test/roc_curve_png", "test/pr_curve_png", "test/confusion_matrix_png", "test/predictions",
+            "test/roc_table", "test/pr_table", "test/confusion_matrix_table"} <= logged
+
+
+def test_two_ranks_give_the_same_report_as_one(smoke_run, tmp_path):
+    args = ["--split", "test", "--wandb", "false", "--bootstrap", "200", "--loader", "torch", "--num-workers", "0"]
+    one = run_eval(smoke_run, *args, "--out", str(tmp_path / "one"), tmp=tmp_path)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = run_eval(smoke_run, *args, "--out", str(tmp_path / "two"), tmp=tmp_path, ranks=2)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert b["provenance"]["world_size"] == 2 and a["provenance"]["world_size"] == 1
+    # Per-sample outputs may differ in the last float bits (other batch compositions); the metrics may not.
+    assert a["threshold"]["value"] == pytest.approx(b["threshold"]["value"], abs=1e-6)
+    assert a["threshold"]["validation"] == b["threshold"]["validation"]
+    for section in ("samples", "metrics", "confusion", "subtypes"):
+        assert a[section] == b[section], section
+    pa = R.read_predictions_csv(tmp_path / "one" / "predictions.csv")
+    pb = R.read_predictions_csv(tmp_path / "two" / "predictions.csv")
+    assert pa["keys"] == pb["keys"] and len(set(pb["keys"])) == len(pb["keys"])
+    np.testing.assert_allclose(pa["probs"], pb["probs"], rtol=0, atol=1e-6)
+
+
+def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
+    result = run_eval(smoke_run, "--split", "val", "--threshold", "0.5", "--wandb", "false", "--bootstrap", "50",
+                      "--out", str(tmp_path / "val"), tmp=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "val" / "report.json").read_text())
+    assert report["threshold"] == {"value": 0.5, "method": "fixed"}
+    preds = R.read_predictions_csv(tmp_path / "val" / "predictions.csv")
+    assert report["confusion"]["tp"] == int(((preds["probs"] >= 0.5) & (preds["labels"] == 1)).sum())
+    # The best model reproduces the validation AUROC training logged for its epoch.
+    meta = json.loads((smoke_run / "best" / "meta.json").read_text())
+    assert report["metrics"]["auroc"]["value"] == pytest.approx(meta["val_metrics"]["val/auroc"], abs=1e-6)
+
+
+def test_missing_best_model_is_a_clear_error(tmp_path, tiny_shards):
+    run_dir = tmp_path / "untrained"
+    (run_dir / "best").mkdir(parents=True)
+    (run_dir / "best" / "config.yaml").write_text("{}\n")
+    result = run_eval(run_dir, "--shards", str(tiny_shards), tmp=tmp_path)
+    assert result.returncode == 2
+    assert "lacks model.safetensors, meta.json" in result.stderr and "train/run.py" in result.stderr
+
+
+def test_compare_runs_on_two_smoke_runs(smoke_run, tiny_shards, tmp_path):
+    if not (smoke_run / "eval-test" / "report.json").is_file():
+        result = run_eval(smoke_run, "--wandb", "false", "--bootstrap", "50", tmp=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    other = train_smoke(tiny_shards, tmp_path / "lr3e-4", "--train.epochs=1", "--optim.lr=3e-4")
+    png = tmp_path / "compare.png"
+    result = subprocess.run([sys.executable, "scripts/compare_runs.py", str(smoke_run), str(other), "--out", str(png)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    diff = {line.split("|")[1].strip(" `") for line in result.stdout.splitlines() if line.startswith("| `")}
+    assert {"optim.lr", "train.epochs", "run.dir"} <= diff and "model.arch" not in diff
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| smoke |", "| lr3e-4 |"))]
+    assert len(rows) == 2 and "not evaluated" in rows[1] and "not evaluated" not in rows[0]
+    with Image.open(png) as image:
+        image.load()
