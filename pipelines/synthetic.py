@@ -112,10 +112,11 @@ def render_synthetic(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_
     img += 0.22 * np.maximum(heart, mediastinum) * torso
     ribs = np.zeros_like(img)
     spacing = 0.075 + rng.normal(0, 0.004)
-    for k in range(9):
-        for side in (-1, 1):
-            centre = 0.25 + k * spacing + 0.9 * (x - cx) ** 2 - 0.04 * side * (x - cx)
-            ribs += np.exp(-(((y - centre) / 0.012) ** 2)) * (side * (x - cx) > 0.03)
+    dx = x - cx
+    for side in (-1, 1):
+        bend, mask = 0.9 * dx**2 - 0.04 * side * dx, side * dx > 0.03
+        for k in range(9):
+            ribs += np.exp(-(((y - 0.25 - k * spacing - bend) / 0.012) ** 2)) * mask
     img += 0.10 * np.clip(ribs, 0, 1) * torso
     clavicles = np.exp(-(((y - 0.17 + 0.25 * np.abs(x - cx)) / 0.015) ** 2)) * (np.abs(x - cx) < 0.3)
     img += 0.12 * clavicles
@@ -144,13 +145,13 @@ def render_synthetic(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_
         spot = np.exp(-(((x - px) / 0.02) ** 2 + ((y - py) / 0.02) ** 2))
         img += rng.uniform(0.2, 0.5) * spot * (1 - lungs)
 
-    img = np.clip(img, 0, 1)
-    full = np.asarray(Image.fromarray(img, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    # Exposure (gamma, gain, offset) is smooth too: apply it before upsampling, in 8-bit units.
     gamma, gain, offset = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.15), rng.normal(0, 0.03)
-    full = np.clip(full, 0, 1) ** gamma * gain + offset
-    noise_sigma = rng.uniform(0.01, 0.035)
-    full = full + rng.standard_normal((height, width), dtype=np.float32) * noise_sigma
-    return (np.clip(full, 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = (np.clip(np.clip(img, 0, 1) ** gamma * gain + offset, 0, 1) * 255).astype(np.float32)
+    full = np.asarray(Image.fromarray(img, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    noise_sigma = rng.uniform(0.01, 0.035) * 255
+    full = full + rng.standard_normal((height, width), dtype=np.float32) * np.float32(noise_sigma)
+    return np.clip(full + 0.5, 0, 255).astype(np.uint8)
 
 
 def encode_synthetic(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_SYNTHETIC_SIZE) -> bytes:

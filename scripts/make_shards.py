@@ -62,16 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = ["python", "scripts/make_shards.py", *(sys.argv[1:] if argv is None else argv)]
+    timings: dict = {}
     try:
         manifest = make_shards(
             args.src, args.out, synthetic=args.synthetic or 0, synthetic_size=args.synthetic_size,
             max_side=args.max_side, quality=args.quality, shard_mb=args.shard_mb, min_shards=args.min_shards,
             val_fraction=args.val_fraction, carve_val=args.carve_val, seed=args.seed, workers=args.workers,
-            overwrite=args.overwrite, strict=args.strict, progress=args.progress, command=command)
+            overwrite=args.overwrite, strict=args.strict, progress=args.progress, command=command,
+            timings=timings)
     except ShardsError as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 1 if args.strict and "--strict" in str(exc) else 2
     print(format_summary(manifest, args.out))
+    converted = manifest["inputs"]["sharded"] + manifest["inputs"]["rejected"]
+    print(f"  took {timings['total']:.1f} s ({converted / max(timings['convert'], 1e-9):.0f} img/s converting with "
+          f"{args.workers} worker(s))")
     if args.verify:
         try:
             counts = verify_shards(args.out)
