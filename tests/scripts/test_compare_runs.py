@@ -95,3 +95,51 @@ def test_identical_configs_say_so(tmp_path):
     result = run_script(a, b, "--out", tmp_path / "c.png")
     assert result.returncode == 0, result.stderr
     assert "All runs have the same config." in result.stdout
+
+
+class _FakeRun:
+    def __init__(self, name, job_type, config, summary, history=()):
+        self.name, self.id, self.job_type, self.config, self.summary = name, f"id-{name}", job_type, config, summary
+        self._history = list(history)
+
+    def scan_history(self, keys):
+        return [{k: row[k] for k in keys} for row in self._history if all(k in row for k in keys)]
+
+
+def test_wandb_source_pairs_training_and_eval_runs(monkeypatch, tmp_path):
+    """The --wandb path against a stand-in for wandb.Api (no network here): filters, pairing, tables."""
+    import importlib.util
+
+    import wandb
+
+    spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
+    compare_runs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_runs", compare_runs)  # dataclasses resolve their module by name
+    spec.loader.exec_module(compare_runs)
+    history = [{"_step": 1, "train/loss": 0.9}, {"_step": 2, "epoch": 1, "val/auroc": 0.8, "train/loss": 0.7},
+               {"_step": 4, "epoch": 2, "val/auroc": 0.75}]
+    runs = [
+        _FakeRun("a", "train", {"optim": {"lr": 1e-3}, "_wandb": {"x": 1}}, {"_runtime": 30.0, "perf/images_per_sec": 99.0}, history),
+        _FakeRun("b", "train", {"optim": {"lr": 3e-4}}, {"_runtime": 40.0}, history[1:]),
+        _FakeRun("a-eval-test", "eval", {"optim": {"lr": 1e-3}, "eval": {"split": "test", "source_run": "a"}},
+                 {"test/accuracy": 0.9, "test/accuracy_ci_low": 0.85, "test/accuracy_ci_high": 0.95, "test/auroc": 0.97}),
+    ]
+    seen = {}
+
+    class FakeApi:
+        def runs(self, path, filters):
+            seen.update(path=path, filters=filters)
+            return runs
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    records = compare_runs.load_wandb_runs("me/cxr", "sweep1", "r50")
+    assert seen == {"path": "me/cxr", "filters": {"$and": [{"group": "sweep1"}, {"tags": {"$in": ["r50"]}}]}}
+    assert [r.name for r in records] == ["a", "b"]
+    assert records[0].summary["best_val_auroc"] == 0.8 and records[0].summary["best_epoch"] == 1
+    assert records[0].train_loss == [(1, 0.9), (2, 0.7)] and "_wandb.x" not in records[0].config
+    tables = compare_runs.markdown_tables(records)
+    assert "| `optim.lr` | 0.001 | 0.0003 |" in tables
+    assert "| a | 0.8000 (1) | 0.900 [0.850, 0.950] | 0.970 | 99.0 | 30.0 |" in tables
+    assert "| b | 0.8000 (1) | not evaluated | not evaluated | — | 40.0 |" in tables
+    compare_runs.plot_curves(records, tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 0
