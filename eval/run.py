@@ -180,10 +180,11 @@ def choose_threshold(args, val_predictions) -> tuple[float, dict]:
     if args.threshold != "val":
         return float(args.threshold), {"method": "fixed"}
     _, val_probs, val_labels, _ = val_predictions
-    if args.target_sensitivity is not None:
-        choice = M.select_threshold(val_labels, val_probs, "sensitivity", args.target_sensitivity)
-    else:
-        choice = M.select_threshold(val_labels, val_probs, "youden")
+    method = "youden" if args.target_sensitivity is None else "sensitivity"
+    try:
+        choice = M.select_threshold(val_labels, val_probs, method, args.target_sensitivity or 0.95)
+    except ValueError as exc:
+        raise EvalError(f"--threshold val: {exc} (e.g. --threshold 0.5)") from exc
     at = M.binary_metrics(val_labels, val_probs, choice["threshold"])
     info = {k: v for k, v in choice.items() if k not in ("threshold", "sensitivity", "specificity")}
     info["chosen_on"] = "val"

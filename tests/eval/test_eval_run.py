@@ -176,3 +176,16 @@ def test_compare_runs_on_two_smoke_runs(smoke_run, tiny_shards, tmp_path):
     assert len(rows) == 2 and "not evaluated" in rows[1] and "not evaluated" not in rows[0]
     with Image.open(png) as image:
         image.load()
+
+
+def test_val_threshold_needs_both_classes_in_val():
+    from argparse import Namespace
+
+    from eval.run import EvalError, choose_threshold
+
+    one_class = (["val-0", "val-1"], np.array([0.2, 0.7]), np.array([1, 1]), None)
+    with pytest.raises(EvalError, match="one class only.*--threshold 0.5"):
+        choose_threshold(Namespace(threshold="val", target_sensitivity=None), one_class)
+    both = (["val-0", "val-1", "val-2"], np.array([0.2, 0.7, 0.9]), np.array([0, 1, 1]), None)
+    value, info = choose_threshold(Namespace(threshold="val", target_sensitivity=1.0), both)
+    assert value == 0.7 and info["method"] == "sensitivity" and info["validation"]["recall"] == 1.0
