@@ -1,0 +1,64 @@
+"""Kill a run with SIGKILL after its first epoch; `--train.resume=auto` must finish with the same step count."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from _train_helpers import REPO, read_jsonl, run_train, train_cmd, train_env
+
+pytestmark = pytest.mark.slow
+ARGS = ("--train.epochs=3", "--log.wandb=false")
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
+    reference = tmp_path / "reference"
+    run_train(tiny_shards, reference, *ARGS)
+    expected_steps = json.loads((reference / "summary.json").read_text())["steps"]
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_shards, run_dir, *ARGS), cwd=REPO, env=train_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = run_dir / "checkpoints" / "epoch-0001" / "complete.json"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert proc.poll() is None, "training exited before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+
+    # A damaged checkpoint (complete marker, truncated weights) and a half-written one (no marker) newer than
+    # epoch 1: both must be skipped with a warning in favour of epoch 1.
+    ckpts = run_dir / "checkpoints"
+    for name in ("epoch-0002", "epoch-0003"):
+        shutil.rmtree(ckpts / name, ignore_errors=True)
+        shutil.copytree(ckpts / "epoch-0001", ckpts / name)
+    weights = ckpts / "epoch-0002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    (ckpts / "epoch-0003" / "complete.json").unlink()
+
+    result = run_train(tiny_shards, run_dir, *ARGS, "--train.resume=auto")
+    assert "skipping checkpoint" in result.stderr and "epoch-0003" in result.stderr
+    assert "skipping damaged checkpoint" in result.stderr and "epoch-0002" in result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("epoch-0001")
+    assert summary["steps"] == expected_steps
+    assert summary["epochs"] == 3
+    val_epochs = [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/auroc" in r]
+    assert val_epochs[-2:] == [2, 3]  # the resumed run continued at epoch 2, it did not start over
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch-0002", "epoch-0003"]  # keep_checkpoints=2
+
+
+def test_resume_never_starts_over(tiny_shards, tmp_path):
+    run_dir = tmp_path / "fresh"
+    run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false")
+    result = run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false", "--train.resume=never")
+    assert "resumed from" not in result.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
