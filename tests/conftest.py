@@ -45,3 +45,23 @@ def tiny_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-shards") / "synthetic"
     make_shards(None, out, synthetic=96, synthetic_size=96, min_shards=2, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_training(tiny_shards, tmp_path_factory):
+    """One smoke-trained run per session, through `accelerate launch` with the repo's config, W&B offline.
+
+    Returns (run_dir, CompletedProcess). Tests may add files (eval-*/) but must not remove any.
+    """
+    from _runs import VENV_BIN, run_train, train_env
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "smoke"
+    launcher = (str(VENV_BIN / "accelerate"), "launch", "--config_file", "accelerate_config.yaml")
+    result = run_train(tiny_shards, run_dir, "--log.wandb=true", launcher=launcher,
+                       env=train_env(run_dir.parent, ACCELERATE_USE_CPU="1"))
+    return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_training) -> Path:
+    return smoke_training[0]

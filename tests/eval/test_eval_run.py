@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _eval_smoke import REPO, offline_env, train_smoke
+from _runs import REPO, run_train
+from _runs import train_env as offline_env
+from _wandb_offline import offline_run_summary
 from PIL import Image
 
 from eval import metrics as M
@@ -28,48 +29,6 @@ def run_eval(run_dir: Path, *args: str, tmp: Path, ranks: int = 1) -> subprocess
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [str(TORCHRUN), "--nproc_per_node", str(ranks), "-m", "eval.run", "--run-dir", str(run_dir), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-
-
-def wandb_records(path: Path):
-    """Records of an offline `.wandb` file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    block, header = 32768, 7
-    pos, pending = header, b""
-    while pos + header <= len(data):
-        left = block - pos % block
-        if left < header:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        chunk = data[pos + header:pos + header + length]
-        pos += header + length
-        if kind in (1, 2):  # full / first
-            pending = chunk
-        else:  # middle / last
-            pending += chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            yield record
-
-
-def offline_run_summary(wandb_root: Path) -> tuple[dict, dict]:
-    (run_file,) = wandb_root.glob("wandb/offline-run-*/run-*.wandb")
-    summary, run_info = {}, {}
-    for record in wandb_records(run_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "summary":
-            for item in record.summary.update:
-                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-        elif kind == "run":
-            run_info = {"project": record.run.project, "job_type": record.run.job_type, "name": record.run.display_name}
-    return summary, run_info
 
 
 def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path):
@@ -165,7 +124,8 @@ def test_compare_runs_on_two_smoke_runs(smoke_run, tiny_shards, tmp_path):
     if not (smoke_run / "eval-test" / "report.json").is_file():
         result = run_eval(smoke_run, "--wandb", "false", "--bootstrap", "50", tmp=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-    other = train_smoke(tiny_shards, tmp_path / "lr3e-4", "--train.epochs=1", "--optim.lr=3e-4")
+    other = tmp_path / "lr3e-4"
+    run_train(tiny_shards, other, "--train.epochs=1", "--optim.lr=3e-4", "--log.wandb=false")
     png = tmp_path / "compare.png"
     result = subprocess.run([sys.executable, "scripts/compare_runs.py", str(smoke_run), str(other), "--out", str(png)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from _train_helpers import REPO, read_jsonl, run_train, train_cmd, train_env
+from _runs import REPO, read_jsonl, run_train, train_cmd, train_env
 
 pytestmark = pytest.mark.slow
 ARGS = ("--train.epochs=3", "--log.wandb=false")

@@ -6,7 +6,7 @@ import json
 import socket
 
 import pytest
-from _train_helpers import VENV_BIN, read_jsonl, run_train, train_env
+from _runs import VENV_BIN, read_jsonl, run_train, train_env
 
 from pipelines.manifest import load_manifest
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _train_helpers import VENV_BIN, read_jsonl, run_train, train_env
+from _runs import read_jsonl, run_train, train_env
 from _wandb_offline import offline_run
 from safetensors.torch import load_file
 
@@ -20,12 +20,8 @@ from train.model import build_model
 
 
 @pytest.fixture(scope="module")
-def smoke(tiny_shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train-smoke") / "run"
-    launcher = (str(VENV_BIN / "accelerate"), "launch", "--config_file", "accelerate_config.yaml")
-    result = run_train(tiny_shards, run_dir, "--log.wandb=true", launcher=launcher,
-                       env=train_env(run_dir.parent, ACCELERATE_USE_CPU="1"))
-    return run_dir, result
+def smoke(smoke_training):
+    return smoke_training
 
 
 def test_run_directory_is_complete(smoke, tiny_shards):
@@ -110,7 +106,7 @@ def test_log_wandb_false_writes_no_wandb_files(tiny_shards, tmp_path):
 def test_missing_shards_is_a_clear_error(tmp_path):
     import subprocess
 
-    from _train_helpers import REPO, train_cmd
+    from _runs import REPO, train_cmd
 
     result = subprocess.run(train_cmd(tmp_path / "nope", tmp_path / "run"), cwd=REPO, capture_output=True,
                             text=True, env=train_env(tmp_path))

@@ -1,4 +1,4 @@
-"""Launch the real training entry point as a subprocess, W&B offline, on the shared 2-core CPU."""
+"""Launch the real entry points as subprocesses, W&B offline, on the shared 2-core CPU (train and eval tests)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
 def train_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """W&B offline into `tmp`, never the network; one intra-op thread per process on the shared CPU."""
     return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true",
             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
 
