@@ -1,23 +1,49 @@
-"""Throughput benchmarks; `--what loader` times the data loaders against the seed-style baseline.
+"""Throughput benchmarks: data loaders, the model's training step, and end-to-end training.
 
+    make bench   # = .venv/bin/python scripts/benchmark_throughput.py --what all --device auto --json bench/throughput.json
+
+    # one mode, explicit inputs (CPU):
     .venv/bin/python scripts/benchmark_throughput.py --what loader --loaders dali,torch,imagefolder \
         --device cpu --shards shards/originals --src ../shared/data/kermany-originals-sample \
         --json /tmp/bench-loader.json
 
-Images/s of each loader over one pass of `--split` (after `--warmup-batches`), the ratio of each to
-the `imagefolder` baseline, one table, and a JSON with `results`, host, device, versions and the
-exact command. New modes (model, train) register a function in `MODES`.
+    # GPU host, the whole grid (fp32/bf16 x NCHW/channels_last x eager/compile) and training on the 224 px set:
+    .venv/bin/python scripts/benchmark_throughput.py --what all --device cuda --batch-size 256 \
+        --precisions fp32,bf16 --formats nchw,channels_last --compile-modes eager,compile \
+        --train-shards shards/kermany-train-224 --json bench/throughput-gpu.json
+
+Modes (`--what`):
+- `loader`: images/s of each loader (`--loaders dali,torch,imagefolder`) and its ratio to the seed-style
+  `imagefolder` baseline (the seed notebook's ImageFolder + PIL over the original folders, `--src`); the
+  shard loaders read shards made from the same images with default `make_shards.py` settings (`--shards`).
+- `model`: one training step (forward, backward, gradient clipping, AdamW) on a synthetic batch that is
+  already on the device, for each of `--precisions` x `--formats` x `--compile-modes`.
+- `train`: the same step fed by a real loader (`--train-loaders`, DALI by default) on `--train-shards`;
+  the data-stall fraction is `1 - train/model` against the model-only figure for the same configuration.
+- `all`: loader, model and train.
+
+Every figure is the median over `--repeats` timed windows of `--steps` batches, after `--warmup` batches
+that are not timed (torch.compile and cuDNN autotuning happen there). The device is synchronised only at
+the edges of a timed window. Defaults depend on the device: small on CPU so `make bench` takes a few
+minutes on 2 cores (scale with --batch-size/--steps/--repeats), GPU-sized on CUDA. Missing inputs are
+found or built: `--src` defaults to ../shared/data/kermany-originals-sample when present (else the
+baseline is skipped with a note) and `--shards` to shards made from it under bench/ (else shards/synthetic
+or a small synthetic set built under bench/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import resource
 import socket
+import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,64 +52,331 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+DEFAULT_SRC = REPO.parent / "shared" / "data" / "kermany-originals-sample"
+BENCH_DIR = REPO / "bench"
+SHARD_LOADERS = ("dali", "torch")
+ALL_LOADERS = ("dali", "torch", "imagefolder")
+PRECISIONS = ("fp32", "bf16")
+FORMATS = ("nchw", "channels_last")
+COMPILE_MODES = ("eager", "compile")
+# (batch size, steps, warm-up, repeats): CPU keeps `make bench` to a few minutes on 2 cores, where one
+# ResNet50 224 px training image costs ~1 s; CUDA windows are long enough for stable medians.
+DEVICE_DEFAULTS = {"cpu": (8, 2, 2, 3), "cuda": (256, 50, 15, 3)}
+CPU_GRID_NOTE = ("CPU default grid is fp32 x {nchw, channels_last} x eager: bf16 autocast on this CPU is an order of "
+                 "magnitude slower than fp32 (~17x measured) and torch.compile needs a C++ toolchain and minutes of "
+                 "compilation per configuration; measure them with --precisions fp32,bf16 --compile-modes eager,compile")
+RSS_NOTE = ("peak_host_rss_mb is this process's peak resident memory during the row (VmHWM reset before each row); "
+            "DataLoader worker processes are not included. peak_gpu_mb is torch's allocator peak; DALI's own GPU "
+            "memory pool is not included")
 
-def _time_batches(batches, device: torch.device, warmup_batches: int, max_images: int) -> dict:
-    images, start, seen = 0, None, 0
-    for batch_images in batches:
-        seen += 1
-        if seen == warmup_batches + 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        if start is not None:
-            images += batch_images.shape[0]
-        if max_images and images >= max_images:
-            break
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if start is None or images == 0:
-        raise SystemExit(f"only {seen} batches: lower --warmup-batches or --batch-size, or use more data")
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": round(seconds, 4), "images_per_sec": round(images / seconds, 2)}
 
 
-def bench_loader(args: argparse.Namespace) -> list[dict]:
-    from pipelines.imagefolder import build_imagefolder_loader
+def _reset_peaks(device: torch.device) -> None:
+    try:
+        # Linux >= 4.0: "5" resets VmHWM, so each row reports its own peak rather than the process's so far.
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peaks(device: torch.device) -> dict:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss_mb = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_host_rss_mb": round(rss_mb, 1), "peak_gpu_mb": None if gpu_mb is None else round(gpu_mb, 1)}
+
+
+def time_windows(run_step: Callable[[], int], *, device: torch.device, warmup: int, steps: int, repeats: int,
+                 wait: list[float] | None = None) -> dict:
+    """Run `warmup` untimed steps, then `repeats` timed windows of `steps` steps; medians of the windows.
+
+    `run_step()` does one step and returns its number of images (from tensor shapes: no host sync).
+    `wait`, when given, is a one-element list the step adds its loader-wait seconds to.
+    """
+    _reset_peaks(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run_step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - start
+    rates, seconds, wait_fracs = [], [], []
+    images = 0
+    for _ in range(repeats):
+        if wait is not None:
+            wait[0] = 0.0
+        start = time.perf_counter()
+        images = sum(run_step() for _ in range(steps))
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        rates.append(images / elapsed)
+        seconds.append(elapsed)
+        if wait is not None:
+            wait_fracs.append(wait[0] / elapsed)
+    out = {"images": images, "seconds": round(statistics.median(seconds), 4),
+           "images_per_sec": round(statistics.median(rates), 2),
+           "images_per_sec_repeats": [round(r, 2) for r in rates], "warmup_steps": warmup,
+           "warmup_seconds": round(warmup_seconds, 3), "steps": steps, "repeats": repeats, **_peaks(device)}
+    if wait is not None:
+        out["host_wait_frac"] = round(statistics.median(wait_fracs), 4)
+    return out
+
+
+def _endless(loader) -> Iterator:
+    """Batches over successive epochs, as training sees them (epoch boundaries included)."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        count = 0
+        for item in loader:
+            count += 1
+            yield item
+        if count == 0:
+            raise SystemExit(f"{loader!r} yields no batches: lower --batch-size or use a larger split")
+        epoch += 1
+
+
+def _shard_loader(name: str, shards: Path, args: argparse.Namespace, *, train: bool, split: str):
     from pipelines.loaders import build_loader
     from pipelines.spec import PreprocessSpec
 
-    device = torch.device(args.device)
+    spec = PreprocessSpec.from_manifest(shards, image_size=args.image_size)
+    loader = build_loader(shards, split, spec=spec, per_device_batch_size=args.batch_size, train=train, loader=name,
+                          device=args.device, num_workers=args.num_workers)
+    if len(loader) == 0:
+        raise SystemExit(f"{shards}/{split} has {loader.num_samples} samples: fewer than one batch of "
+                         f"--batch-size {args.batch_size}; lower it or pass larger --shards/--train-shards")
+    return loader, spec.channels
+
+
+def _imagefolder_loader(args: argparse.Namespace):
+    from pipelines.imagefolder import build_imagefolder_loader
+
+    return build_imagefolder_loader(args.src, image_size=args.image_size, batch_size=args.batch_size,
+                                    num_workers=args.num_workers, split=args.split)
+
+
+def _time_loader(loader, to_tensor: Callable, args: argparse.Namespace, steps: int) -> dict:
+    """Each window is a fresh epoch: its start-up (DALI pipeline build, DataLoader workers) falls in the warm-up."""
+    windows = []
+    for _ in range(args.repeats):
+        stream = _endless(loader)
+        windows.append(time_windows(lambda stream=stream: to_tensor(next(stream)).shape[0], device=args.device,
+                                    warmup=args.warmup, steps=steps, repeats=1))
+        stream.close()  # ends the epoch now: releases the DALI pipeline / DataLoader workers
+    rates = [w["images_per_sec"] for w in windows]
+    return {**windows[0], "images_per_sec": round(statistics.median(rates), 2), "images_per_sec_repeats": rates,
+            "seconds": round(statistics.median(w["seconds"] for w in windows), 4), "repeats": args.repeats,
+            "warmup_seconds": round(statistics.median(w["warmup_seconds"] for w in windows), 3),
+            "peak_host_rss_mb": max(w["peak_host_rss_mb"] for w in windows),
+            "peak_gpu_mb": None if windows[0]["peak_gpu_mb"] is None else max(w["peak_gpu_mb"] for w in windows)}
+
+
+def bench_loader(args: argparse.Namespace) -> list[dict]:
+    device = args.device
     results = []
-    for name in args.loaders.split(","):
+    for name in args.loader_list:
         if name == "imagefolder":
-            if not args.src:
-                raise SystemExit("--loaders imagefolder needs --src KAGGLE_DIR")
-            loader = build_imagefolder_loader(args.src, image_size=args.image_size, batch_size=args.batch_size,
-                                              num_workers=args.num_workers, split=args.split)
-            # The seed notebook moves each batch to the device itself; do the same so the work compares.
-            batches = (images.to(device, non_blocking=True) for images, _ in loader)
-            extra = {"source": str(args.src), "channels": 3}
-        elif name in ("dali", "torch"):
-            if not args.shards:
-                raise SystemExit(f"--loaders {name} needs --shards DIR")
-            spec = PreprocessSpec.from_manifest(args.shards, image_size=args.image_size)
-            loader = build_loader(args.shards, args.split, spec=spec, per_device_batch_size=args.batch_size,
-                                  train=args.mode == "train", loader=name, device=device,
-                                  num_workers=args.num_workers)
-            batches = (batch.images for batch in loader)
-            extra = {"source": str(args.shards), "channels": spec.channels, "reason": loader.reason}
+            loader = _imagefolder_loader(args)
+
+            def to_tensor(item):
+                # The seed notebook moves each batch to the device itself; do the same so the work compares.
+                return item[0].to(device, non_blocking=True)
+
+            extra = {"source": str(args.src), "channels": 3, "preprocessing": "eval"}
         else:
-            raise SystemExit(f"unknown loader {name!r}; choose from dali, torch, imagefolder")
-        timing = _time_batches(batches, device, args.warmup_batches, args.max_images)
-        results.append({"loader": name, **timing, "batch_size": args.batch_size, "image_size": args.image_size,
-                        "mode": "eval" if name == "imagefolder" else args.mode, **extra})
+            loader, channels = _shard_loader(name, args.shards, args, train=args.mode == "train", split=args.split)
+
+            def to_tensor(item):
+                return item.images
+
+            extra = {"source": str(args.shards), "channels": channels, "reason": loader.reason,
+                     "preprocessing": args.mode}
+        # One pass over the split per window unless --steps says otherwise.
+        steps = args.steps_explicit or max(1, len(loader) - args.warmup)
+        timing = _time_loader(loader, to_tensor, args, steps)
+        del loader
+        results.append({"mode": "loader", "loader": name,
+                        "config": f"{name} {extra['preprocessing']} {args.image_size}px bs{args.batch_size}",
+                        "batch_size": args.batch_size, "image_size": args.image_size, **timing, **extra})
     baseline = next((r["images_per_sec"] for r in results if r["loader"] == "imagefolder"), None)
     for result in results:
-        result["speedup_vs_imagefolder"] = round(result["images_per_sec"] / baseline, 2) if baseline else None
+        ratio = round(result["images_per_sec"] / baseline, 3) if baseline else None
+        result["ratio_to_baseline"] = result["speedup_vs_imagefolder"] = ratio
+        result["data_stall_frac"] = None
     return results
 
 
-MODES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {"loader": bench_loader}
+def build_train_step(*, arch: str, channels: int, precision: str, memory_format: str, compile_mode: str,
+                     device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training step of train/loop.py without Accelerate: autocast forward, fp32 loss, backward, clip, AdamW.
+
+    bf16 uses `torch.autocast(device_type, dtype=torch.bfloat16)` around the forward only, which is what
+    Accelerate's `mixed_precision="bf16"` wraps the model's forward in.
+    """
+    from train.config import ModelConfig, OptimConfig
+    from train.model import build_model
+    from train.optim import build_loss, build_optimizer
+
+    optim_cfg = OptimConfig()
+    model = build_model(ModelConfig(arch=arch), channels)
+    if memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device).train()
+    optimizer = build_optimizer(model, optim_cfg)
+    loss_fn = build_loss(optim_cfg, None).to(device)
+    forward = torch.compile(model) if compile_mode == "compile" else model
+    use_bf16 = precision == "bf16"
+    to_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=to_format)  # no copy when already in the layout
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = forward(images)
+        loss = loss_fn(logits.float(), labels)
+        loss.backward()
+        if optim_cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _model_key(args: argparse.Namespace, channels: int, precision: str, memory_format: str, compile_mode: str):
+    return (args.arch, channels, precision, memory_format, compile_mode, args.image_size, args.batch_size)
+
+
+def _describe(key: tuple) -> str:
+    arch, channels, precision, memory_format, compile_mode, image_size, batch_size = key
+    return f"{arch} {precision} {memory_format} {compile_mode} {image_size}px bs{batch_size} {channels}ch"
+
+
+def _check_loss(loss: torch.Tensor, what: str) -> float:
+    value = loss.float().item()  # after the timed window: the only host read of the loss
+    if not math.isfinite(value):
+        raise SystemExit(f"{what}: the training loss is {value}; the step is broken, the figure would be meaningless")
+    return round(value, 4)
+
+
+def run_model_config(args: argparse.Namespace, key: tuple) -> dict:
+    arch, channels, precision, memory_format, compile_mode, image_size, batch_size = key
+    device = args.device
+    step = build_train_step(arch=arch, channels=channels, precision=precision, memory_format=memory_format,
+                            compile_mode=compile_mode, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch_size, channels, image_size, image_size, generator=generator).to(device)
+    if memory_format == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (batch_size,), generator=generator).to(device)
+    last = [None]
+
+    def run_step() -> int:
+        last[0] = step(images, labels)
+        return batch_size
+
+    timing = time_windows(run_step, device=device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+    return {"mode": "model", "config": _describe(key), "arch": arch, "channels": channels, "precision": precision,
+            "memory_format": memory_format, "compile": compile_mode, "batch_size": batch_size,
+            "image_size": image_size, **timing, "final_loss": _check_loss(last[0], _describe(key))}
+
+
+def bench_model(args: argparse.Namespace) -> list[dict]:
+    results = []
+    for precision in args.precision_list:
+        for memory_format in args.format_list:
+            for compile_mode in args.compile_list:
+                key = _model_key(args, 1, precision, memory_format, compile_mode)
+                results.append(run_model_config(args, key))
+                args.model_cache[key] = results[-1]
+    _model_ratios(results)
+    return results
+
+
+def _model_ratios(results: list[dict]) -> None:
+    """Ratio to the seed notebook's setting (fp32, NCHW, eager) for the same arch, size and batch."""
+    for result in results:
+        base = next((r for r in results if r["precision"] == "fp32" and r["memory_format"] == "nchw"
+                     and r["compile"] == "eager" and r["arch"] == result["arch"]
+                     and r["channels"] == result["channels"] and r["batch_size"] == result["batch_size"]
+                     and r["image_size"] == result["image_size"]), None)
+        result["ratio_to_baseline"] = round(result["images_per_sec"] / base["images_per_sec"], 3) if base else None
+        result["data_stall_frac"] = None
+
+
+def run_train_config(args: argparse.Namespace, name: str) -> dict:
+    """The model step fed by loader `name` over successive epochs of the training split."""
+    device = args.device
+    if name == "imagefolder":
+        loader, channels, source = _imagefolder_loader(args), 3, str(args.src)
+        stream = ((images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                  for images, labels in _endless(loader))
+    else:
+        loader, channels = _shard_loader(name, args.train_shards, args, train=True, split="train")
+        source = str(args.train_shards)
+        stream = ((batch.images, batch.labels) for batch in _endless(loader))
+    key = _model_key(args, channels, args.train_precision, args.train_format, args.train_compile_mode)
+    step = build_train_step(arch=args.arch, channels=channels, precision=args.train_precision,
+                            memory_format=args.train_format, compile_mode=args.train_compile_mode, device=device)
+    wait, last = [0.0], [None]
+
+    def run_step() -> int:
+        # Host time blocked on the loader; on CUDA, DALI's GPU work overlaps the queued model step.
+        start = time.perf_counter()
+        images, labels = next(stream)
+        wait[0] += time.perf_counter() - start
+        last[0] = step(images, labels)
+        return images.shape[0]
+
+    timing = time_windows(run_step, device=device, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                          wait=wait)
+    stream.close()
+    return {"mode": "train", "loader": name, "config": f"{name} -> {_describe(key)}", "arch": args.arch,
+            "channels": channels, "precision": args.train_precision, "memory_format": args.train_format,
+            "compile": args.train_compile_mode, "batch_size": args.batch_size, "image_size": args.image_size,
+            "source": source, **timing, "final_loss": _check_loss(last[0], f"train {name}"), "model_key": key}
+
+
+def bench_train(args: argparse.Namespace) -> list[dict]:
+    results = [run_train_config(args, name) for name in args.train_loader_list]
+    references = []
+    for result in results:
+        key = result.pop("model_key")
+        if key not in args.model_cache:
+            print(f"model-only reference for train: {_describe(key)}", flush=True)
+            args.model_cache[key] = run_model_config(args, key)
+            references.append(args.model_cache[key])
+        model_rate = args.model_cache[key]["images_per_sec"]
+        result["model_images_per_sec"] = model_rate
+        result["data_stall_frac"] = round(1.0 - result["images_per_sec"] / model_rate, 4)
+    _model_ratios(references)
+    for reference in references:
+        reference["note"] = "model-only reference for the train rows"
+    baseline = next((r["images_per_sec"] for r in results if r["loader"] == "imagefolder"), None)
+    for result in results:
+        result["ratio_to_baseline"] = round(result["images_per_sec"] / baseline, 3) if baseline else None
+    return references + results
+
+
+def bench_all(args: argparse.Namespace) -> list[dict]:
+    return bench_loader(args) + bench_model(args) + bench_train(args)
+
+
+MODES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
+    "loader": bench_loader, "model": bench_model, "train": bench_train, "all": bench_all,
+}
 
 
 def _versions() -> dict:
@@ -91,8 +384,9 @@ def _versions() -> dict:
     import torchvision
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "pillow": PIL.__version__}
-    for module in ("nvidia.dali", "webdataset"):
+                "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    for module in ("nvidia.dali", "webdataset", "accelerate"):
         try:
             versions[module] = __import__(module, fromlist=["__version__"]).__version__
         except ImportError:
@@ -100,42 +394,219 @@ def _versions() -> dict:
     return versions
 
 
+def _host() -> dict:
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu_model": cpu_model,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+TABLE_COLUMNS = ["mode", "config", "images/s", "x baseline", "data stall", "host RSS MB", "GPU MB"]
+
+
+def table_rows(results: list[dict]) -> list[list]:
+    return [[r["mode"], r["config"], r["images_per_sec"], r.get("ratio_to_baseline"), r.get("data_stall_frac"),
+             r["peak_host_rss_mb"], r["peak_gpu_mb"]] for r in results]
+
+
 def _print_table(results: list[dict]) -> None:
-    print(f"{'loader':<12} {'mode':<6} {'images':>7} {'seconds':>9} {'images/s':>10} {'x baseline':>10}")
-    for r in results:
-        ratio = "-" if r.get("speedup_vs_imagefolder") is None else f"{r['speedup_vs_imagefolder']:.2f}x"
-        print(f"{r['loader']:<12} {r['mode']:<6} {r['images']:>7} {r['seconds']:>9.3f} {r['images_per_sec']:>10.1f} {ratio:>10}")
+    rows = table_rows(results)
+    width = max([len("config"), *(len(row[1]) for row in rows)])
+    print(f"{'mode':<7} {'config':<{width}} {'images/s':>10} {'x baseline':>10} {'data stall':>10} "
+          f"{'host RSS MB':>11} {'GPU MB':>8}")
+    for mode, config, rate, ratio, stall, rss, gpu in rows:
+        print(f"{mode:<7} {config:<{width}} {rate:>10.1f} {'-' if ratio is None else f'{ratio:.2f}x':>10} "
+              f"{'-' if stall is None else f'{stall:.1%}':>10} {rss:>11.0f} {'-' if gpu is None else f'{gpu:.0f}':>8}")
+
+
+def _log_wandb(report: dict, args: argparse.Namespace) -> str:
+    import wandb
+
+    kwargs = {} if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else {"mode": "offline"}
+    args.wandb_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=args.wandb_project, job_type="benchmark", dir=str(args.wandb_dir),
+                     config={k: report[k] for k in ("what", "host", "device", "versions", "command", "settings")},
+                     **kwargs)
+    table = wandb.Table(columns=[c.replace(" ", "_").replace("/", "_per_") for c in TABLE_COLUMNS],
+                        data=table_rows(report["results"]))
+    run.log({"benchmark/throughput": table})
+    for r in report["results"]:
+        run.summary[f"{r['mode']}/{r['config']}/images_per_sec"] = r["images_per_sec"]
+    run.summary["notes"] = report["notes"]
+    run_dir = str(Path(run.dir).parent)
+    run.finish()
+    return run_dir
+
+
+def _find_shards(args: argparse.Namespace, notes: list[str]) -> Path:
+    """Shards for the shard loaders: made from --src (a fair comparison with the baseline) or synthetic."""
+    from pipelines.make_shards import make_shards
+
+    if args.src is not None:
+        out = BENCH_DIR / "originals-shards"
+        manifest = out / "manifest.json"
+        if manifest.is_file():
+            source = Path(json.loads(manifest.read_text()).get("source") or "/").resolve()
+            if source.is_relative_to(args.src.resolve()):
+                return out
+        print(f"building shards of {args.src} with default make_shards.py settings in {out}", flush=True)
+        make_shards(args.src, out, overwrite=True, progress=False, workers=os.cpu_count() or 1)
+        notes.append(f"shards built from --src with default make_shards.py settings: {out}")
+        return out
+    demo = REPO / "shards" / "synthetic"
+    if (demo / "manifest.json").is_file():
+        notes.append(f"no --shards or --src: using the `make demo` synthetic shards {demo}")
+        return demo
+    out = BENCH_DIR / "synthetic-shards"
+    if not (out / "manifest.json").is_file():
+        print(f"building a small synthetic shard set in {out}", flush=True)
+        make_shards(None, out, synthetic=320, synthetic_size=512, overwrite=True, progress=False,
+                    workers=os.cpu_count() or 1)
+    notes.append(f"no --shards or --src: synthetic shards {out} (320 images rendered at 512 px)")
+    return out
+
+
+def _split_list(value: str, choices: tuple[str, ...], flag: str) -> list[str]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    bad = [item for item in items if item not in choices]
+    if bad or not items:
+        raise SystemExit(f"{flag}: unknown {bad or value!r}; choose from {', '.join(choices)} (comma-separated)")
+    return items
+
+
+def resolve(args: argparse.Namespace) -> list[str]:
+    """Fill device-dependent defaults and find inputs; returns notes for the report."""
+    notes: list[str] = []
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False; use --device cpu or auto")
+    args.device = torch.device(args.device)
+    kind = args.device.type
+    batch_size, steps, warmup, repeats = DEVICE_DEFAULTS[kind]
+    args.steps_explicit = args.steps
+    args.batch_size = args.batch_size or batch_size
+    args.steps = args.steps or steps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.repeats = args.repeats or repeats
+    if min(args.batch_size, args.steps, args.repeats) < 1 or args.warmup < 0:
+        raise SystemExit("--batch-size, --steps and --repeats must be >= 1 and --warmup >= 0")
+    args.precision_list = _split_list(args.precisions or ("fp32,bf16" if kind == "cuda" else "fp32"), PRECISIONS,
+                                      "--precisions")
+    args.format_list = _split_list(args.formats, FORMATS, "--formats")
+    args.compile_list = _split_list(args.compile_modes or ("eager,compile" if kind == "cuda" else "eager"),
+                                    COMPILE_MODES, "--compile-modes")
+    if kind == "cpu" and not (args.precisions or args.compile_modes) and args.what in ("model", "all"):
+        notes.append(CPU_GRID_NOTE)
+    args.train_precision = args.train_precision or ("bf16" if kind == "cuda" else "fp32")
+    args.loader_list = _split_list(args.loaders or ",".join(ALL_LOADERS), ALL_LOADERS, "--loaders")
+    args.train_loader_list = _split_list(args.train_loaders or args.loaders or "dali", ALL_LOADERS, "--train-loaders")
+    args.model_cache = {}
+    if kind == "cuda":
+        # The same settings train/run.py uses on CUDA.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    uses_loader = args.what in ("loader", "all")
+    uses_train = args.what in ("train", "all")
+    src_named = args.src is not None
+    if args.src is None and DEFAULT_SRC.is_dir():
+        args.src = DEFAULT_SRC
+    wants_baseline = (uses_loader and "imagefolder" in args.loader_list) or (
+        uses_train and "imagefolder" in args.train_loader_list)
+    if wants_baseline and (args.src is None or not args.src.is_dir()):
+        if src_named:
+            raise SystemExit(f"--src {args.src} is not a folder; pass the Kaggle folder, "
+                             "e.g. ../shared/data/kermany-originals-sample")
+        note = f"no --src and {DEFAULT_SRC} is absent: the imagefolder (seed-style) baseline is skipped"
+        print(note, flush=True)
+        notes.append(note)
+        args.loader_list = [n for n in args.loader_list if n != "imagefolder"] or list(SHARD_LOADERS)
+        args.train_loader_list = [n for n in args.train_loader_list if n != "imagefolder"] or ["dali"]
+    needs_shards = (uses_loader and any(n in SHARD_LOADERS for n in args.loader_list)) or (
+        uses_train and args.train_shards is None and any(n in SHARD_LOADERS for n in args.train_loader_list))
+    if args.shards is None and needs_shards:
+        args.shards = _find_shards(args, notes)
+    if uses_train and args.train_shards is None:
+        args.train_shards = args.shards
+    if kind == "cpu":
+        notes.append(f"CPU defaults: batch {batch_size}, {steps} steps, {warmup} warm-up, {repeats} repeats; "
+                     "scale with --batch-size/--steps/--repeats")
+    notes.append(RSS_NOTE)
+    return notes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", choices=sorted(MODES), default="loader")
-    parser.add_argument("--loaders", default="dali,torch,imagefolder", help="comma list of dali, torch, imagefolder")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shards", type=Path, help="shards folder made by scripts/make_shards.py from --src")
-    parser.add_argument("--src", type=Path, help="Kaggle folder for the seed-style imagefolder baseline")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--loaders", help="comma list of dali, torch, imagefolder (loader mode default: all three; "
+                                          "also the train loaders unless --train-loaders is given)")
+    parser.add_argument("--train-loaders", help="loaders feeding train mode (default: dali)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--shards", type=Path, help="shards made by scripts/make_shards.py from --src "
+                                                    "(default: built under bench/ from --src)")
+    parser.add_argument("--train-shards", type=Path, help="shards for train mode (default: --shards)")
+    parser.add_argument("--src", type=Path, help="Kaggle folder for the seed-style imagefolder baseline "
+                                                 f"(default: {DEFAULT_SRC} when present)")
+    parser.add_argument("--split", default="train", help="split the loader mode reads")
     parser.add_argument("--mode", choices=["train", "eval"], default="eval",
-                        help="shard loaders' preprocessing: eval (resize+crop, like the baseline) or train (augment)")
+                        help="loader mode's preprocessing: eval (resize+crop, like the baseline) or train (augment)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="per step (default: 8 on CPU, 256 on CUDA)")
+    parser.add_argument("--steps", type=int, help="timed steps per window (default: 2 on CPU, 50 on CUDA; "
+                                                  "loader mode: one pass over --split)")
+    parser.add_argument("--warmup", "--warmup-batches", dest="warmup", type=int,
+                        help="untimed steps before the windows (default: 2 on CPU, 15 on CUDA)")
+    parser.add_argument("--repeats", type=int, help="timed windows; figures are their median (default: 3)")
     parser.add_argument("--num-workers", type=int, default=2, help="DALI threads / DataLoader workers")
-    parser.add_argument("--warmup-batches", type=int, default=1)
-    parser.add_argument("--max-images", type=int, default=0, help="stop after this many timed images (0: one pass)")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--arch", default="resnet50", help="torchvision classifier for model and train modes")
+    parser.add_argument("--precisions", help="model grid: fp32,bf16 (default: both on CUDA, fp32 on CPU)")
+    parser.add_argument("--formats", default="nchw,channels_last", help="model grid: nchw,channels_last")
+    parser.add_argument("--compile-modes", help="model grid: eager,compile (default: both on CUDA, eager on CPU)")
+    parser.add_argument("--train-precision", choices=PRECISIONS,
+                        help="train mode (default: bf16 on CUDA, fp32 on CPU, as the default recipe)")
+    parser.add_argument("--train-format", choices=FORMATS, default="channels_last")
+    parser.add_argument("--train-compile-mode", choices=COMPILE_MODES, default="eager")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--wandb", action="store_true", help="log the table to W&B (offline unless configured) "
+                                                              "as a job_type=benchmark run")
+    parser.add_argument("--wandb-dir", type=Path, default=BENCH_DIR, help="where the W&B run folder goes")
+    parser.add_argument("--wandb-project", default="cxr-pipeline")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = MODES[args.what](args)
+    command = " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(argv)
+    from pipelines.manifest import ShardsError
+
+    try:
+        notes = resolve(args)
+        results = MODES[args.what](args)
+    except (ShardsError, FileNotFoundError) as exc:
+        # Missing shards or folders: the message names the path and the command that fixes it.
+        raise SystemExit(f"error: {exc}") from exc
     _print_table(results)
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
-    report = {"what": args.what, "results": results,
-              "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
-                       "cpu_count": __import__("os").cpu_count()},
-              "device": {"type": args.device, "name": device}, "versions": _versions(),
-              "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(argv)}
+    device = args.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _host()["cpu_model"]
+    settings = {k: (str(v) if isinstance(v, Path | torch.device) else v) for k, v in vars(args).items()
+                if k not in ("model_cache", "steps_explicit")}
+    report = {"what": args.what, "results": results, "host": _host(),
+              "device": {"type": device.type, "name": device_name}, "versions": _versions(), "command": command,
+              "settings": settings, "notes": notes}
+    for note in notes:
+        print(f"note: {note}")
+    if args.wandb:
+        report["wandb_run_dir"] = _log_wandb(report, args)
+        print(f"W&B run: {report['wandb_run_dir']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
