@@ -62,6 +62,8 @@ COMPILE_MODES = ("eager", "compile")
 # (batch size, steps, warm-up, repeats): CPU keeps `make bench` to a few minutes on 2 cores, where one
 # ResNet50 224 px training image costs ~1 s; CUDA windows are long enough for stable medians.
 DEVICE_DEFAULTS = {"cpu": (8, 2, 2, 3), "cuda": (256, 50, 15, 3)}
+# Loader warm-up in batches: the first batch carries the pipeline build / worker start-up (and nvJPEG set-up on CUDA).
+LOADER_WARMUP = {"cpu": 1, "cuda": 3}
 CPU_GRID_NOTE = ("CPU default grid is fp32 x {nchw, channels_last} x eager: bf16 autocast on this CPU is an order of "
                  "magnitude slower than fp32 (~17x measured) and torch.compile needs a C++ toolchain and minutes of "
                  "compilation per configuration; measure them with --precisions fp32,bf16 --compile-modes eager,compile")
@@ -173,7 +175,7 @@ def _time_loader(loader, to_tensor: Callable, args: argparse.Namespace, steps: i
     for _ in range(args.repeats):
         stream = _endless(loader)
         windows.append(time_windows(lambda stream=stream: to_tensor(next(stream)).shape[0], device=args.device,
-                                    warmup=args.warmup, steps=steps, repeats=1))
+                                    warmup=args.loader_warmup, steps=steps, repeats=1))
         stream.close()  # ends the epoch now: releases the DALI pipeline / DataLoader workers
     rates = [w["images_per_sec"] for w in windows]
     return {**windows[0], "images_per_sec": round(statistics.median(rates), 2), "images_per_sec_repeats": rates,
@@ -204,7 +206,7 @@ def bench_loader(args: argparse.Namespace) -> list[dict]:
             extra = {"source": str(args.shards), "channels": channels, "reason": loader.reason,
                      "preprocessing": args.mode}
         # One pass over the split per window unless --steps says otherwise.
-        steps = args.steps_explicit or max(1, len(loader) - args.warmup)
+        steps = args.steps_explicit or max(1, len(loader) - args.loader_warmup)
         timing = _time_loader(loader, to_tensor, args, steps)
         del loader
         results.append({"mode": "loader", "loader": name,
@@ -494,6 +496,7 @@ def resolve(args: argparse.Namespace) -> list[str]:
     args.steps_explicit = args.steps
     args.batch_size = args.batch_size or batch_size
     args.steps = args.steps or steps
+    args.loader_warmup = LOADER_WARMUP[kind] if args.warmup is None else args.warmup
     args.warmup = warmup if args.warmup is None else args.warmup
     args.repeats = args.repeats or repeats
     if min(args.batch_size, args.steps, args.repeats) < 1 or args.warmup < 0:
@@ -564,7 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per window (default: 2 on CPU, 50 on CUDA; "
                                                   "loader mode: one pass over --split)")
     parser.add_argument("--warmup", "--warmup-batches", dest="warmup", type=int,
-                        help="untimed steps before the windows (default: 2 on CPU, 15 on CUDA)")
+                        help="untimed steps before the windows (default: 2 on CPU, 15 on CUDA; loader mode: 1 "
+                             "batch on CPU, 3 on CUDA)")
     parser.add_argument("--repeats", type=int, help="timed windows; figures are their median (default: 3)")
     parser.add_argument("--num-workers", type=int, default=2, help="DALI threads / DataLoader workers")
     parser.add_argument("--arch", default="resnet50", help="torchvision classifier for model and train modes")
