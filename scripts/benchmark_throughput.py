@@ -8,7 +8,7 @@
         --json /tmp/bench-loader.json
 
     # GPU host, the whole grid (fp32/bf16 x NCHW/channels_last x eager/compile) and training on the 224 px set:
-    .venv/bin/python scripts/benchmark_throughput.py --what all --device cuda --batch-size 256 \
+    .venv/bin/python scripts/benchmark_throughput.py --what all --device cuda \
         --precisions fp32,bf16 --formats nchw,channels_last --compile-modes eager,compile \
         --train-shards shards/kermany-train-224 --json bench/throughput-gpu.json
 
@@ -24,7 +24,7 @@ Modes (`--what`):
 
 Every figure is the median over `--repeats` timed windows of `--steps` batches, after `--warmup` batches
 that are not timed (torch.compile and cuDNN autotuning happen there). The device is synchronised only at
-the edges of a timed window. Defaults depend on the device: small on CPU so `make bench` takes a few
+the edges of a timed window. `--profile DIR` adds a torch.profiler trace of each model/train row. Defaults depend on the device: small on CPU so `make bench` takes a few
 minutes on 2 cores (scale with --batch-size/--steps/--repeats), GPU-sized on CUDA. Missing inputs are
 found or built: `--src` defaults to ../shared/data/kermany-originals-sample when present (else the
 baseline is skipped with a note) and `--shards` to shards made from it under bench/ (else shards/synthetic
@@ -60,8 +60,9 @@ PRECISIONS = ("fp32", "bf16")
 FORMATS = ("nchw", "channels_last")
 COMPILE_MODES = ("eager", "compile")
 # (batch size, steps, warm-up, repeats): CPU keeps `make bench` to a few minutes on 2 cores, where one
-# ResNet50 224 px training image costs ~1 s; CUDA windows are long enough for stable medians.
-DEVICE_DEFAULTS = {"cpu": (8, 2, 2, 3), "cuda": (256, 50, 15, 3)}
+# ResNet50 224 px training image costs ~1 s; on CUDA the batch is the default recipe's per-device batch
+# (so train rows predict the real run) and windows are long enough for stable medians.
+DEVICE_DEFAULTS = {"cpu": (8, 2, 2, 3), "cuda": (128, 50, 15, 3)}
 # Loader warm-up in batches: the first batch carries the pipeline build / worker start-up (and nvJPEG set-up on CUDA).
 LOADER_WARMUP = {"cpu": 1, "cuda": 3}
 CPU_GRID_NOTE = ("CPU default grid is fp32 x {nchw, channels_last} x eager: bf16 autocast on this CPU is an order of "
@@ -169,6 +170,30 @@ def _imagefolder_loader(args: argparse.Namespace):
                                     num_workers=args.num_workers, split=args.split)
 
 
+def _progress(row: dict) -> dict:
+    # Rows take seconds to minutes on CPU: show each as it lands, the table comes at the end.
+    print(f"  {row['mode']:<6} {row['config']}: {row['images_per_sec']:.1f} images/s", flush=True)
+    return row
+
+
+def profile_steps(run_step: Callable[[], int], *, device: torch.device, steps: int, out_dir: Path, name: str) -> str:
+    """`steps` more steps under torch.profiler: a Chrome trace and the top operators, to show where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            run_step()
+        _sync(device)
+    trace = out_dir / f"{slug}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (out_dir / f"{slug}.top.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+    return str(trace)
+
+
 def _time_loader(loader, to_tensor: Callable, args: argparse.Namespace, steps: int) -> dict:
     """Each window is a fresh epoch: its start-up (DALI pipeline build, DataLoader workers) falls in the warm-up."""
     windows = []
@@ -209,9 +234,9 @@ def bench_loader(args: argparse.Namespace) -> list[dict]:
         steps = args.steps_explicit or max(1, len(loader) - args.loader_warmup)
         timing = _time_loader(loader, to_tensor, args, steps)
         del loader
-        results.append({"mode": "loader", "loader": name,
-                        "config": f"{name} {extra['preprocessing']} {args.image_size}px bs{args.batch_size}",
-                        "batch_size": args.batch_size, "image_size": args.image_size, **timing, **extra})
+        results.append(_progress({"mode": "loader", "loader": name,
+                                  "config": f"{name} {extra['preprocessing']} {args.image_size}px bs{args.batch_size}",
+                                  "batch_size": args.batch_size, "image_size": args.image_size, **timing, **extra}))
     baseline = next((r["images_per_sec"] for r in results if r["loader"] == "imagefolder"), None)
     for result in results:
         ratio = round(result["images_per_sec"] / baseline, 3) if baseline else None
@@ -290,9 +315,12 @@ def run_model_config(args: argparse.Namespace, key: tuple) -> dict:
         return batch_size
 
     timing = time_windows(run_step, device=device, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
-    return {"mode": "model", "config": _describe(key), "arch": arch, "channels": channels, "precision": precision,
-            "memory_format": memory_format, "compile": compile_mode, "batch_size": batch_size,
-            "image_size": image_size, **timing, "final_loss": _check_loss(last[0], _describe(key))}
+    if args.profile:
+        timing["profile"] = profile_steps(run_step, device=device, steps=min(args.steps, 10), out_dir=args.profile,
+                                          name=f"model-{_describe(key)}")
+    return _progress({"mode": "model", "config": _describe(key), "arch": arch, "channels": channels,
+            "precision": precision, "memory_format": memory_format, "compile": compile_mode, "batch_size": batch_size,
+            "image_size": image_size, **timing, "final_loss": _check_loss(last[0], _describe(key))})
 
 
 def bench_model(args: argparse.Namespace) -> list[dict]:
@@ -344,11 +372,14 @@ def run_train_config(args: argparse.Namespace, name: str) -> dict:
 
     timing = time_windows(run_step, device=device, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                           wait=wait)
+    if args.profile:
+        timing["profile"] = profile_steps(run_step, device=device, steps=min(args.steps, 10), out_dir=args.profile,
+                                          name=f"train-{name}-{_describe(key)}")
     stream.close()
-    return {"mode": "train", "loader": name, "config": f"{name} -> {_describe(key)}", "arch": args.arch,
-            "channels": channels, "precision": args.train_precision, "memory_format": args.train_format,
+    return _progress({"mode": "train", "loader": name, "config": f"{name} -> {_describe(key)}",
+            "arch": args.arch, "channels": channels, "precision": args.train_precision, "memory_format": args.train_format,
             "compile": args.train_compile_mode, "batch_size": args.batch_size, "image_size": args.image_size,
-            "source": source, **timing, "final_loss": _check_loss(last[0], f"train {name}"), "model_key": key}
+            "source": source, **timing, "final_loss": _check_loss(last[0], f"train {name}"), "model_key": key})
 
 
 def bench_train(args: argparse.Namespace) -> list[dict]:
@@ -363,6 +394,10 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         model_rate = args.model_cache[key]["images_per_sec"]
         result["model_images_per_sec"] = model_rate
         result["data_stall_frac"] = round(1.0 - result["images_per_sec"] / model_rate, 4)
+        if result["data_stall_frac"] < 0:
+            args.notes.append(f"{result['config']}: negative data stall ({result['data_stall_frac']:.1%}) means "
+                              "the two measurements differ by more than the stall; raise --steps/--repeats or "
+                              "measure on a quiet machine")
     _model_ratios(references)
     for reference in references:
         reference["note"] = "model-only reference for the train rows"
@@ -544,6 +579,7 @@ def resolve(args: argparse.Namespace) -> list[str]:
         notes.append(f"CPU defaults: batch {batch_size}, {steps} steps, {warmup} warm-up, {repeats} repeats; "
                      "scale with --batch-size/--steps/--repeats")
     notes.append(RSS_NOTE)
+    args.notes = notes
     return notes
 
 
@@ -563,7 +599,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=["train", "eval"], default="eval",
                         help="loader mode's preprocessing: eval (resize+crop, like the baseline) or train (augment)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, help="per step (default: 8 on CPU, 256 on CUDA)")
+    parser.add_argument("--batch-size", type=int,
+                        help="per step (default: 8 on CPU; 128 on CUDA, as in train/configs/default.yaml)")
     parser.add_argument("--steps", type=int, help="timed steps per window (default: 2 on CPU, 50 on CUDA; "
                                                   "loader mode: one pass over --split)")
     parser.add_argument("--warmup", "--warmup-batches", dest="warmup", type=int,
@@ -579,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train mode (default: bf16 on CUDA, fp32 on CPU, as the default recipe)")
     parser.add_argument("--train-format", choices=FORMATS, default="channels_last")
     parser.add_argument("--train-compile-mode", choices=COMPILE_MODES, default="eager")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="after each model/train row, profile up to 10 more steps with torch.profiler: "
+                             "DIR/<row>.trace.json (chrome://tracing, Perfetto) and DIR/<row>.top.txt")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--wandb", action="store_true", help="log the table to W&B (offline unless configured) "
                                                               "as a job_type=benchmark run")
@@ -602,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _host()["cpu_model"]
     settings = {k: (str(v) if isinstance(v, Path | torch.device) else v) for k, v in vars(args).items()
-                if k not in ("model_cache", "steps_explicit")}
+                if k not in ("model_cache", "steps_explicit", "notes")}
     report = {"what": args.what, "results": results, "host": _host(),
               "device": {"type": device.type, "name": device_name}, "versions": _versions(), "command": command,
               "settings": settings, "notes": notes}
