@@ -60,7 +60,7 @@ PRECISIONS = ("fp32", "bf16")
 FORMATS = ("nchw", "channels_last")
 COMPILE_MODES = ("eager", "compile")
 # (batch size, steps, warm-up, repeats): CPU keeps `make bench` to a few minutes on 2 cores, where one
-# ResNet50 224 px training image costs ~1 s; on CUDA the batch is the default recipe's per-device batch
+# ResNet50 224 px training image costs 0.2-1 s (more when other jobs share the cores); on CUDA the batch is the default recipe's per-device batch
 # (so train rows predict the real run) and windows are long enough for stable medians.
 DEVICE_DEFAULTS = {"cpu": (8, 2, 2, 3), "cuda": (128, 50, 15, 3)}
 # Loader warm-up in batches: the first batch carries the pipeline build / worker start-up (and nvJPEG set-up on CUDA).
@@ -442,6 +442,7 @@ def _host() -> dict:
         pass
     return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu_model": cpu_model,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
@@ -527,6 +528,8 @@ def resolve(args: argparse.Namespace) -> list[str]:
         raise SystemExit("--device cuda but torch.cuda.is_available() is False; use --device cpu or auto")
     args.device = torch.device(args.device)
     kind = args.device.type
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_size, steps, warmup, repeats = DEVICE_DEFAULTS[kind]
     args.steps_explicit = args.steps
     args.batch_size = args.batch_size or batch_size
@@ -608,6 +611,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "batch on CPU, 3 on CUDA)")
     parser.add_argument("--repeats", type=int, help="timed windows; figures are their median (default: 3)")
     parser.add_argument("--num-workers", type=int, default=2, help="DALI threads / DataLoader workers")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op CPU threads (default: torch's choice, one per core); on a busy machine "
+                             "fewer threads than cores avoids OpenMP barrier stalls")
     parser.add_argument("--arch", default="resnet50", help="torchvision classifier for model and train modes")
     parser.add_argument("--precisions", help="model grid: fp32,bf16 (default: both on CUDA, fp32 on CPU)")
     parser.add_argument("--formats", default="nchw,channels_last", help="model grid: nchw,channels_last")
