@@ -511,6 +511,18 @@ def _find_shards(args: argparse.Namespace, notes: list[str]) -> Path:
     return out
 
 
+def _same_images_note(shards: Path, src: Path) -> list[str]:
+    """The loader ratios compare like with like only when the shards were made from --src."""
+    try:
+        source = json.loads((shards / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError):
+        return []  # the loader itself reports a missing or broken manifest, with the fix
+    if source and Path(source).resolve().is_relative_to(src.resolve()):
+        return []
+    return [f"the shards {shards} were made from {source or 'synthetic images'}, not from --src {src}: the loader "
+            "ratios to the baseline compare different images; make shards from --src for a like-for-like ratio"]
+
+
 def _split_list(value: str, choices: tuple[str, ...], flag: str) -> list[str]:
     items = [item.strip() for item in value.split(",") if item.strip()]
     bad = [item for item in items if item not in choices]
@@ -578,6 +590,8 @@ def resolve(args: argparse.Namespace) -> list[str]:
         args.shards = _find_shards(args, notes)
     if uses_train and args.train_shards is None:
         args.train_shards = args.shards
+    if uses_loader and args.shards is not None and "imagefolder" in args.loader_list:
+        notes.extend(_same_images_note(args.shards, args.src))
     if kind == "cpu":
         notes.append(f"CPU defaults: batch {batch_size}, {steps} steps, {warmup} warm-up, {repeats} repeats; "
                      "scale with --batch-size/--steps/--repeats")
