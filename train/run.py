@@ -80,6 +80,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
     )
 
 
+def configure_cpu_threads(cfg: Config, accelerator: Accelerator) -> None:
+    """On CPU, give torch the cores the data workers leave free (unless OMP_NUM_THREADS says otherwise).
+
+    Oversubscribed OpenMP threads wait on each other whenever one loses its core: ResNet50 on 2 cores with
+    a DALI worker alongside was measured ~4x slower with 2 torch threads than with 1.
+    """
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) // local_ranks
+    torch.set_num_threads(max(1, cores - cfg.data.num_workers))
+
+
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     run_dir = Path(cfg.run.dir)
     if accelerator.is_main_process:
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config_path, overrides)
     accelerator = build_accelerator(cfg)
     set_seed(cfg.train.seed)
+    configure_cpu_threads(cfg, accelerator)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -217,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     train_loader, val_loader = build_loaders(cfg, spec, accelerator)
     derived = derive(cfg, accelerator, train_loader)
     accelerator.print(f"loader: {derived.loader} ({derived.loader_reason}); device {derived.device}, "
-                      f"{derived.world_size} process(es), mixed precision {derived.mixed_precision}, "
+                      f"{derived.world_size} process(es), {torch.get_num_threads()} torch thread(s), "
+                      f"mixed precision {derived.mixed_precision}, "
                       f"global batch {derived.global_batch_size}, {derived.steps_per_epoch} steps/epoch")
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
     state = TrainState()
