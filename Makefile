@@ -26,7 +26,6 @@ demo: install
 	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml train/run.py \
 		--config train/configs/demo.yaml --data.shards=$(DEMO_SHARDS) --run.dir=$(DEMO_RUN)
 	$(PY) -m eval.run --run $(DEMO_RUN) --split test
-	@echo; cat $(DEMO_RUN)/eval-test/report.md
 	@echo; echo "Run directory: $(DEMO_RUN)  (config.yaml, metrics.jsonl, best/, eval-test/)"
 
 test: install
