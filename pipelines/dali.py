@@ -18,7 +18,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
-from pipelines.plan import SplitShards, batches_per_epoch, rank_range, real_batch_sizes, sample_key, tar_order
+from pipelines.plan import RankedLoader, SplitShards, rank_range, sample_key, tar_order
 from pipelines.spec import PreprocessSpec
 
 _DALI_FLOAT = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
@@ -94,7 +94,7 @@ def wds_pipeline(*, tars: Sequence[str], indexes: Sequence[str], spec: Preproces
     return images, cls, source
 
 
-class DaliLoader:
+class DaliLoader(RankedLoader):
     """Iterable of `Batch` over one split, for one rank (see `pipelines.plan` for the epoch rules).
 
     A fresh pipeline is built per epoch: its reader seed and tar order then depend only on
@@ -108,22 +108,9 @@ class DaliLoader:
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0,
                  num_threads: int = 2, dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65,
                  prefetch_queue_depth: int = 2, reason: str = ""):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.shards, self.spec, self.train = shards, spec, train
-        self.per_device_batch_size, self.rank, self.world_size = per_device_batch_size, rank, world_size
-        self.device, self.seed, self.dtype = torch.device(device), seed, dtype
+        super().__init__(shards, spec=spec, per_device_batch_size=per_device_batch_size, train=train, rank=rank,
+                         world_size=world_size, device=device, seed=seed, dtype=dtype, reason=reason)
         self.num_threads, self.hw_decoder_load, self.prefetch_queue_depth = num_threads, hw_decoder_load, prefetch_queue_depth
-        self.reason = reason
-        self.num_samples = shards.num_samples
-        self.epoch = 0
-        self._len = batches_per_epoch(self.num_samples, per_device_batch_size, world_size, train=train)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _build(self):
         order = tar_order(len(self.shards.tars), train=self.train, seed=self.seed, epoch=self.epoch)
@@ -182,8 +169,7 @@ class DaliLoader:
         return self.dtype if self.dtype in _DALI_FLOAT else torch.float32
 
     def __iter__(self) -> Iterator[Batch]:
-        sizes = real_batch_sizes(self.num_samples, self.per_device_batch_size, self.rank, self.world_size,
-                                 train=self.train)
+        sizes = self.batch_sizes()
         pipe = self._build()
         last = None
         try:

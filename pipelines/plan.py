@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipelines.manifest import FIX_HINT, ShardsError, load_manifest
 
@@ -105,3 +106,32 @@ def sample_key(name: str) -> str:
     """Sample key of a tar member or source-info string (`.../train-00000042.jpg` -> `train-00000042`)."""
     base = name.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
     return base.split(".", 1)[0]
+
+
+class RankedLoader:
+    """What both loaders share: one split read by one rank, the epoch counter, the batch count of the plan."""
+
+    name = ""
+
+    def __init__(self, shards: SplitShards, *, spec, per_device_batch_size: int, train: bool, rank: int,
+                 world_size: int, device: torch.device | str, seed: int, dtype: torch.dtype, reason: str):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards, self.spec, self.train = shards, spec, train
+        self.per_device_batch_size, self.rank, self.world_size = per_device_batch_size, rank, world_size
+        self.device, self.seed, self.dtype = torch.device(device), seed, dtype
+        self.reason = reason
+        self.num_samples = shards.num_samples
+        self.epoch = 0
+        self._len = batches_per_epoch(self.num_samples, per_device_batch_size, world_size, train=train)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batch_sizes(self) -> list[int]:
+        """Real samples in each of this epoch's batches on this rank (0: an evaluation filler batch)."""
+        return real_batch_sizes(self.num_samples, self.per_device_batch_size, self.rank, self.world_size,
+                                train=self.train)

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
-from pipelines.plan import SplitShards, batches_per_epoch, rank_range, real_batch_sizes, tar_order
+from pipelines.plan import RankedLoader, SplitShards, rank_range, tar_order
 from pipelines.spec import PreprocessSpec
 
 
@@ -155,7 +155,7 @@ class _RankStream(IterableDataset):
         return (torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys), rng_state
 
 
-class TorchLoader:
+class TorchLoader(RankedLoader):
     """Iterable of `Batch` with the same contract as `pipelines.dali.DaliLoader`."""
 
     name = "torch"
@@ -164,25 +164,12 @@ class TorchLoader:
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0,
                  num_workers: int = 2, dtype: torch.dtype = torch.float32, shuffle_buffer: int = 1000,
                  reason: str = ""):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.shards, self.spec, self.train = shards, spec, train
-        self.per_device_batch_size, self.rank, self.world_size = per_device_batch_size, rank, world_size
-        self.device, self.seed, self.dtype = torch.device(device), seed, dtype
-        self.num_workers, self.shuffle_buffer, self.reason = num_workers, shuffle_buffer, reason
-        self.num_samples = shards.num_samples
-        self.epoch = 0
-        self._len = batches_per_epoch(self.num_samples, per_device_batch_size, world_size, train=train)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().__init__(shards, spec=spec, per_device_batch_size=per_device_batch_size, train=train, rank=rank,
+                         world_size=world_size, device=device, seed=seed, dtype=dtype, reason=reason)
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
 
     def __iter__(self) -> Iterator[Batch]:
-        sizes = real_batch_sizes(self.num_samples, self.per_device_batch_size, self.rank, self.world_size,
-                                 train=self.train)
+        sizes = self.batch_sizes()
         num_real = sum(1 for size in sizes if size > 0)
         stream = _RankStream(self.shards, spec=self.spec, train=self.train,
                              per_device_batch_size=self.per_device_batch_size, rank=self.rank,
