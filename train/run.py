@@ -68,7 +68,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
     mixed_precision = requested
     if on_cpu and requested != "no":
-        # Autocast to bf16 on CPUs without native bf16 units was measured ~17x slower than fp32.
+        # bf16 autocast on CPUs without native bf16 is an order of magnitude slower than fp32; fp32 keeps CPU runs
+        # predictable and comparable (on AVX512-BF16 hosts bf16 measured faster: docs/benchmarks.md).
         warnings.warn(f"mixed_precision={requested} requested but training runs on CPU: using fp32", stacklevel=1)
         mixed_precision = "no"
     return Accelerator(
