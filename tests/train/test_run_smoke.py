@@ -112,3 +112,13 @@ def test_missing_shards_is_a_clear_error(tmp_path):
                             text=True, env=train_env(tmp_path))
     assert result.returncode == 2
     assert str(tmp_path / "nope") in result.stderr and "make_shards.py" in result.stderr
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_shards, tmp_path):
+    run_dir = tmp_path / "accum"
+    run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false", "--optim.grad_accum_steps=2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_batch_size"] == 2 * summary["per_device_batch_size"]
+    assert summary["steps"] == summary["steps_per_epoch"] == summary["batches_per_epoch"] // 2 > 0
+    lrs = [r["train/lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r]
+    assert lrs and all(lr > 0 for lr in lrs)
