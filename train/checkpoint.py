@@ -33,6 +33,7 @@ class TrainState:
 
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
+    wall_time_s: float = 0.0  # train + validation time of completed epochs, summed over every launch
     best_auroc: float = float("-inf")
     best_epoch: int = -1
     epochs_since_best: int = 0
@@ -91,24 +92,40 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
     return [path]
 
 
+def _all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
+    """True only if `ok` on every rank: a rank whose random_states_N.pkl is damaged must not resume alone."""
+    flag = torch.tensor([1 if ok else 0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
 def try_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
-    """Load the newest loadable checkpoint; returns its path, or None when training starts fresh."""
+    """Load the newest checkpoint every rank can load; returns its path, or None when training starts fresh."""
     candidates = resume_candidates(run_dir, resume)
+    partly_loaded = None
     for ckpt in candidates:
         if not (ckpt / COMPLETE).is_file():
             log.warning("skipping checkpoint %s: it has no %s (a save was interrupted)", ckpt, COMPLETE)
             continue
+        error = None
         try:
             accelerator.load_state(str(ckpt))
         except Exception as exc:  # noqa: BLE001 - any unreadable file means this checkpoint is damaged
-            if resume not in ("auto", "never"):
-                raise RuntimeError(f"cannot resume from {ckpt}: {exc}") from exc
-            log.warning("skipping damaged checkpoint %s (%s: %s); trying the previous one",
-                        ckpt, type(exc).__name__, exc)
-            continue
-        return ckpt
+            error = exc
+        if _all_ranks_ok(accelerator, error is None):
+            return ckpt
+        # load_state restores the model before the optimizer, so a failure can leave this checkpoint's
+        # weights loaded; only an older complete checkpoint (loaded in full) may follow.
+        partly_loaded = ckpt
+        if resume not in ("auto", "never"):
+            raise RuntimeError(f"cannot resume from {ckpt}: {error or 'another rank failed to load it'}")
+        log.warning("skipping damaged checkpoint %s (%s); trying the previous one",
+                    ckpt, f"{type(error).__name__}: {error}" if error else "another rank failed to load it")
     if resume not in ("auto", "never"):
         raise RuntimeError(f"cannot resume from {resume}: it is not a complete checkpoint (no {COMPLETE})")
+    if partly_loaded is not None:
+        raise RuntimeError(
+            f"no loadable checkpoint in {checkpoint_root(run_dir)} (newest damaged: {partly_loaded}); delete the "
+            "damaged checkpoints to resume from an older one, or start over in a new --run.dir")
     return None
 
 

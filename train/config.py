@@ -31,6 +31,7 @@ class DataConfig:
     per_device_batch_size: int = 64
     per_device_eval_batch_size: int = 128
     num_workers: int = 4  # DALI CPU threads / DataLoader workers
+    hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder (A100/H100); rest on CUDA cores
     train_split: str = "train"
     val_split: str = "val"
     # Augmentation and eval policy: same names and defaults as pipelines.spec.PreprocessSpec (a test pins it).

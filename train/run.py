@@ -96,6 +96,10 @@ def configure_cpu_threads(cfg: Config, accelerator: Accelerator) -> None:
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     run_dir = Path(cfg.run.dir)
+    if cfg.train.resume == "never" and any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+        # Starting over on top of another run would mix two runs' metrics, checkpoints and W&B history.
+        raise ConfigError(f"run.dir {run_dir} already holds a run and train.resume=never: choose a new --run.dir, "
+                          "delete that folder, or resume it with --train.resume=auto")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -116,7 +120,7 @@ def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
     # Sharded by *global* rank; DALI iterators are never passed to accelerator.prepare.
     common = dict(spec=spec, loader=cfg.data.loader, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
-                  num_workers=cfg.data.num_workers)
+                  num_workers=cfg.data.num_workers, hw_decoder_load=cfg.data.hw_decoder_load)
     train_loader = build_loader(cfg.data.shards, cfg.data.train_split, train=True,
                                 per_device_batch_size=cfg.data.per_device_batch_size, **common)
     val_loader = build_loader(cfg.data.shards, cfg.data.val_split, train=False,
@@ -181,7 +185,12 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
         from tqdm.auto import tqdm
 
         progress = tqdm(total=derived.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    patience = cfg.train.early_stopping_patience
     for epoch in range(state.epoch, cfg.train.epochs):
+        # Checked before the epoch, so relaunching an early-stopped run does not train one more epoch.
+        if patience and state.epochs_since_best >= patience:
+            accelerator.print(f"early stopping: val AUROC has not improved for {patience} epochs")
+            break
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         train_metrics = train_one_epoch(
@@ -197,7 +206,8 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
         if score > state.best_auroc or state.best_epoch < 0:
             state.best_auroc, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
             if accelerator.is_main_process:
-                export_best(accelerator.unwrap_model(model), cfg, best_meta(cfg, spec, state, val_metrics,
+                # Without keep_torch_compile=False a compiled model exports `_orig_mod.*` keys.
+                export_best(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, best_meta(cfg, spec, state, val_metrics,
                                                                               manifest_path), run_dir)
         else:
             state.epochs_since_best += 1
@@ -206,11 +216,8 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
                     "perf/epoch_images_per_sec": derived.batches_per_epoch * derived.per_device_batch_size
                     * derived.world_size / train_time}, step=state.step, epoch=state.epoch)
         logger.log_curves(labels, probs, step=state.step)
+        state.wall_time_s += time.perf_counter() - epoch_start
         save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
-        patience = cfg.train.early_stopping_patience
-        if patience and state.epochs_since_best >= patience:
-            accelerator.print(f"early stopping: val AUROC has not improved for {patience} epochs")
-            break
     if progress is not None:
         progress.close()
 
@@ -241,15 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     resumed = try_resume(accelerator, run_dir, cfg.train.resume)
     if resumed is not None:
         accelerator.print(f"resumed from {resumed} at epoch {state.epoch}, step {state.step}")
-    logger = MetricsLogger(accelerator, cfg.log, run_dir,
-                           {**config_to_dict(cfg), "derived": asdict(derived)})
-    wall_start = time.perf_counter()
+    logger = MetricsLogger(accelerator, cfg.log, run_dir, {**config_to_dict(cfg), "derived": asdict(derived)},
+                           resumed_step=state.step)
     try:
         fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
             Path(cfg.data.shards) / "manifest.json")
         logger.summary({
             "best_val_auroc": state.best_auroc, "best_epoch": state.best_epoch, "epochs": state.epoch,
-            "steps": state.step, "wall_time_s": time.perf_counter() - wall_start,
+            "steps": state.step, "wall_time_s": state.wall_time_s,
             "train_time_s": state.train_time_s,
             "images_per_sec": state.images_seen / state.train_time_s if state.train_time_s else None,
             "resumed_from": str(resumed) if resumed else None, **asdict(derived),

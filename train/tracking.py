@@ -36,6 +36,17 @@ def wandb_init_kwargs(cfg: LogConfig, run_dir: Path) -> dict:
     return kwargs
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of a killed run up to the checkpoint it resumes from, so no step is logged twice."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
@@ -45,13 +56,15 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, accelerator: Accelerator, cfg: LogConfig, run_dir: Path, config_dict: dict):
+    def __init__(self, accelerator: Accelerator, cfg: LogConfig, run_dir: Path, config_dict: dict, *,
+                 resumed_step: int):
         self.accelerator = accelerator
         self.cfg = cfg
         self.run_dir = run_dir
         self.wandb_run = None
         if not accelerator.is_main_process:
             return
+        truncate_jsonl(run_dir / "metrics.jsonl", resumed_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives a kill
         if cfg.wandb:
             accelerator.init_trackers(cfg.project, config=config_dict,
@@ -96,8 +109,7 @@ class MetricsLogger:
             self.wandb_run.summary.update({f"summary/{k}": v for k, v in values.items()})
 
     def close(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        self.jsonl.close()
-        if self.wandb_run is not None:
-            self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            self.jsonl.close()
+        # Every rank: finishes the W&B run on the main process and tears down the process group everywhere.
+        self.accelerator.end_training()

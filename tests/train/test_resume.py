@@ -51,14 +51,30 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert summary["resumed_from"].endswith("epoch-0001")
     assert summary["steps"] == expected_steps
     assert summary["epochs"] == 3
-    val_epochs = [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val/auroc" in r]
-    assert val_epochs[-2:] == [2, 3]  # the resumed run continued at epoch 2, it did not start over
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    # The killed epoch's rows are dropped on resume: each epoch validated once, train steps logged once.
+    assert [r["epoch"] for r in records if "val/auroc" in r] == [1, 2, 3]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps))
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    reference_rows = read_jsonl(reference / "metrics.jsonl")
+    assert [r["step"] for r in records] == [r["step"] for r in reference_rows]
+    assert summary["wall_time_s"] > json.loads((reference / "summary.json").read_text())["wall_time_s"] / 3
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch-0002", "epoch-0003"]  # keep_checkpoints=2
 
 
-def test_resume_never_starts_over(tiny_shards, tmp_path):
+def test_resume_never_refuses_to_mix_two_runs(tiny_shards, tmp_path):
     run_dir = tmp_path / "fresh"
-    run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false")
-    result = run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false", "--train.resume=never")
-    assert "resumed from" not in result.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] is None
+    first = run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false", "--train.resume=never")
+    assert "resumed from" not in first.stdout
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = subprocess.run(train_cmd(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false",
+                                     "--train.resume=never"), cwd=REPO, capture_output=True, text=True,
+                           env=train_env(tmp_path))
+    assert again.returncode == 2
+    assert str(run_dir) in again.stderr and "already holds a run" in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing of the first run was touched
+    # A finished run relaunched with resume=auto trains nothing more and keeps its record.
+    rerun = run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false")
+    assert "resumed from" in rerun.stdout
+    assert (run_dir / "metrics.jsonl").read_text() == before
