@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             shards, split, spec=spec, per_device_batch_size=args.batch_size or cfg.data.per_device_eval_batch_size,
             train=False, loader=args.loader or cfg.data.loader, rank=accelerator.process_index,
             world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
-            num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers)
+            num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers,
+            hw_decoder_load=cfg.data.hw_decoder_load)
 
     loader = loader_for(args.split)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
             predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
     if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
+        # The gather above was the last collective: no barrier here, so an error on rank 0 (e.g. a one-class
+        # validation split) ends the job instead of leaving the other ranks waiting for it.
         return 0
 
     threshold, threshold_info = choose_threshold(args, val_predictions)
@@ -277,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"W&B eval run: {wandb_dir}")
     print(paths["report.md"].read_text())
     print(f"evaluation written to {out_dir}")
-    accelerator.wait_for_everyone()
     return 0
 
 

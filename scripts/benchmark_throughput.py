@@ -79,14 +79,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peaks(device: torch.device) -> None:
+def _reset_peaks(device: torch.device) -> bool:
+    """Reset the peak counters; False when the host RSS peak cannot be reset (it is then the process's so far)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         # Linux >= 4.0: "5" resets VmHWM, so each row reports its own peak rather than the process's so far.
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        return False
+    return True
 
 
 def _peaks(device: torch.device) -> dict:
@@ -108,7 +110,7 @@ def time_windows(run_step: Callable[[], int], *, device: torch.device, warmup: i
     `run_step()` does one step and returns its number of images (from tensor shapes: no host sync).
     `wait`, when given, is a one-element list the step adds its loader-wait seconds to.
     """
-    _reset_peaks(device)
+    rss_per_row = _reset_peaks(device)
     start = time.perf_counter()
     for _ in range(warmup):
         run_step()
@@ -130,7 +132,9 @@ def time_windows(run_step: Callable[[], int], *, device: torch.device, warmup: i
     out = {"images": images, "seconds": round(statistics.median(seconds), 4),
            "images_per_sec": round(statistics.median(rates), 2),
            "images_per_sec_repeats": [round(r, 2) for r in rates], "warmup_steps": warmup,
-           "warmup_seconds": round(warmup_seconds, 3), "steps": steps, "repeats": repeats, **_peaks(device)}
+           "warmup_seconds": round(warmup_seconds, 3), "steps": steps, "repeats": repeats, **_peaks(device),
+           # Without a VmHWM reset the host peak covers every earlier row of this process too.
+           "peak_host_rss_scope": "row" if rss_per_row else "process so far (/proc/self/clear_refs not writable)"}
     if wait is not None:
         out["host_wait_frac"] = round(statistics.median(wait_fracs), 4)
     return out

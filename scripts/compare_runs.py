@@ -114,8 +114,10 @@ def load_wandb_runs(path: str, group: str | None, tag: str | None, split: str = 
         summary = {
             "best_val_auroc": best,
             "best_epoch": best_epoch,
-            "wall_time_s": run.summary.get("_runtime"),
-            "images_per_sec": run.summary.get("perf/images_per_sec"),
+            # train/run.py's end-of-run summary (summary/*) is the same quantity as a local summary.json;
+            # the last logged window and the W&B runtime are only fallbacks for runs that did not finish.
+            "wall_time_s": run.summary.get("summary/wall_time_s", run.summary.get("_runtime")),
+            "images_per_sec": run.summary.get("summary/images_per_sec", run.summary.get("perf/images_per_sec")),
         }
         test = None
         eval_run = evals.get(run.name)

@@ -45,6 +45,6 @@ def test_run_py_on_cuda_uses_bf16_and_the_mixed_decoder(tiny_shards, tmp_path):
     result = run_train(tiny_shards, run_dir, "--log.wandb=false", launcher=launcher, env=train_env(tmp_path))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mixed_precision"] == "bf16" and summary["device"].startswith("cuda")
-    if summary["loader"] == "dali":
-        assert "GPU" in summary["loader_reason"]
+    # DALI is part of the GPU stack: the run must decode on the GPU, not fall back to the torch loader.
+    assert summary["loader"] == "dali" and "mixed" in summary["loader_reason"]
     assert "using fp32" not in result.stderr
