@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from eval.metrics import binary_metrics
-from pipelines.gather import gather_predictions
+from eval.predict import predict
 from train.checkpoint import TrainState
 from train.optim import set_lr
 from train.tracking import MetricsLogger
@@ -98,27 +98,9 @@ def train_one_epoch(
     return {"train/epoch_loss": mean}
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, accelerator: Accelerator) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(keys, P(PNEUMONIA), labels) for every sample of the split, each exactly once, on every rank."""
-    model.eval()
-    keys: list[str] = []
-    probs, labels = [], []
-    for batch in loader:
-        logits = model(batch.images)
-        probs.append(torch.softmax(logits.float(), dim=1)[:, 1])
-        labels.append(batch.labels)
-        keys.extend(batch.keys)
-    # One device->host copy for the whole split, not one per batch.
-    probs_np = torch.cat(probs).cpu().numpy() if probs else np.zeros(0, dtype=np.float32)
-    labels_np = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, dtype=np.int64)
-    keys, probs_np, labels_np = gather_predictions(keys, probs_np, labels_np)
-    return keys, np.asarray(probs_np, dtype=np.float64), np.asarray(labels_np, dtype=np.int64)
-
-
 def evaluate(model: nn.Module, loader, accelerator: Accelerator, prefix: str = "val") -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of one split; the loss is the unweighted NLL of the de-duplicated predictions."""
-    keys, probs, labels = predict(model, loader, accelerator)
+    keys, probs, labels, _ = predict(model, loader, accelerator, tta=False)
     clipped = np.clip(np.where(labels == 1, probs, 1.0 - probs), 1e-7, 1.0)
     metrics = {f"{prefix}/{k}": v for k, v in binary_metrics(labels, probs).items()}
     metrics[f"{prefix}/loss"] = float(-np.log(clipped).mean()) if len(labels) else float("nan")
