@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -41,6 +39,7 @@ from pipelines.loaders import build_loader
 from pipelines.manifest import ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.config import Config, ConfigError, config_to_dict, read_config
+from train.launch import build_accelerator
 from train.model import build_model
 
 BEST_FILES = ("model.safetensors", "config.yaml", "meta.json")
@@ -117,13 +116,6 @@ def preprocess_spec(meta: dict, cfg: Config, manifest: dict) -> PreprocessSpec:
         return PreprocessSpec(**values)
     return PreprocessSpec.from_manifest(manifest, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                         eval_crop_fraction=cfg.data.eval_crop_fraction)
-
-
-def build_accelerator() -> Accelerator:
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
-    requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    # Same rule as training: bf16 autocast on CPU is far slower than fp32, so CPU evaluation runs fp32.
-    return Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else requested)
 
 
 def choose_threshold(args, val_predictions) -> tuple[float, dict]:

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from pipelines.manifest import ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.checkpoint import TrainState, export_best, save_checkpoint, try_resume
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, save_config
+from train.launch import build_accelerator
 from train.loop import evaluate, train_one_epoch
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
@@ -63,18 +63,8 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return args.config, overrides
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
-    mixed_precision = requested
-    if on_cpu and requested != "no":
-        # bf16 autocast on CPUs without native bf16 is an order of magnitude slower than fp32; fp32 keeps CPU runs
-        # predictable and comparable (on AVX512-BF16 hosts bf16 measured faster: docs/benchmarks.md).
-        warnings.warn(f"mixed_precision={requested} requested but training runs on CPU: using fp32", stacklevel=1)
-        mixed_precision = "no"
-    return Accelerator(
-        cpu=on_cpu,
-        mixed_precision=mixed_precision,
+def build_training_accelerator(cfg: Config) -> Accelerator:
+    return build_accelerator(
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
         log_with="wandb" if cfg.log.wandb else None,
         project_dir=cfg.run.dir,
@@ -226,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
-    accelerator = build_accelerator(cfg)
+    accelerator = build_training_accelerator(cfg)
     set_seed(cfg.train.seed)
     configure_cpu_threads(cfg, accelerator)
     if accelerator.device.type == "cuda":
