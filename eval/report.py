@@ -10,7 +10,6 @@ touched and nothing needs a display.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import re
@@ -23,8 +22,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from eval import metrics as M
+from pipelines.manifest import LABELS
 
-LABEL_NAMES = ("NORMAL", "PNEUMONIA")
 REPORT_VERSION = 1
 PREDICTION_FIELDS = ("key", "label", "probability", "prediction", "source", "subtype")
 METRIC_TITLES = {
@@ -41,14 +40,6 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_sample_metadata(shards_dir: str | Path, split: str, manifest: dict | None = None) -> dict[str, dict]:
@@ -226,8 +217,8 @@ def plot_confusion_matrix(report: dict, path: str | Path) -> None:
         row_total = max(matrix[i].sum(), 1)
         ax.text(j, i, f"{count}\n{count / row_total:.1%}", ha="center", va="center",
                 color="white" if count > matrix.max() / 2 else "black")
-    ax.set_xticks([0, 1], LABEL_NAMES)
-    ax.set_yticks([0, 1], LABEL_NAMES)
+    ax.set_xticks([0, 1], LABELS)
+    ax.set_yticks([0, 1], LABELS)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(f"{report['split']}: threshold {report['threshold']['value']:.3g} ({report['threshold']['method']})")

@@ -36,7 +36,7 @@ from eval import metrics as M
 from eval import report as R
 from eval.predict import TTA_DESCRIPTION, predict
 from pipelines.loaders import build_loader
-from pipelines.manifest import ShardsError, load_manifest
+from pipelines.manifest import ShardsError, load_manifest, sha256_file
 from pipelines.spec import PreprocessSpec
 from train.config import Config, ConfigError, config_to_dict, read_config
 from train.launch import build_accelerator
@@ -149,9 +149,9 @@ def provenance(args, run_dir: Path, shards: Path, cfg: Config, meta: dict, loade
         "mixed_precision": accelerator.mixed_precision,
         "command": " ".join(["python -m eval.run", *sys.argv[1:]]),
         "sha256": {
-            "model": R.file_sha256(run_dir / "best" / "model.safetensors"),
-            "config": R.file_sha256(run_dir / "best" / "config.yaml"),
-            "manifest": R.file_sha256(shards / "manifest.json"),
+            "model": sha256_file(run_dir / "best" / "model.safetensors"),
+            "config": sha256_file(run_dir / "best" / "config.yaml"),
+            "manifest": sha256_file(shards / "manifest.json"),
         },
     }
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.metrics import COUNT_KEYS, RATE_KEYS, pr_points, roc_points
-
-LABEL_NAMES = ["NORMAL", "PNEUMONIA"]
+from pipelines.manifest import LABELS
 
 
 def _curve_chart(x: list[float], y: list[float], *, x_name: str, y_name: str, title: str, x_title: str, y_title: str):
@@ -115,10 +114,10 @@ def log_eval_run(
             charts[f"{split}/roc"] = roc_chart(labels, probs, f"ROC curve ({split})")
             charts[f"{split}/pr"] = pr_chart(labels, probs, f"Precision-recall curve ({split})")
         charts[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
-            y_true=labels.tolist(), preds=preds.tolist(), class_names=LABEL_NAMES)
+            y_true=labels.tolist(), preds=preds.tolist(), class_names=list(LABELS))
         table = wandb.Table(columns=["key", "label", "probability", "prediction", "source", "subtype"])
         for key, label, prob, pred in zip(keys, labels.tolist(), probs.tolist(), preds.tolist(), strict=True):
-            table.add_data(key, LABEL_NAMES[label], prob, LABEL_NAMES[pred], metadata[key].get("source", ""),
+            table.add_data(key, list(LABELS)[label], prob, list(LABELS)[pred], metadata[key].get("source", ""),
                            metadata[key].get("subtype", ""))
         charts[f"{split}/predictions"] = table
         run.log(charts)

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from pipelines.loaders import build_loader
-from pipelines.manifest import ShardsError, load_manifest
+from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.checkpoint import TrainState, export_best, save_checkpoint, try_resume
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, save_config
@@ -159,7 +159,7 @@ def build_training(cfg: Config, accelerator: Accelerator, manifest: dict):
 def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dict, manifest_path: Path) -> dict:
     return {
         "epoch": state.epoch, "step": state.step, "arch": cfg.model.arch, "in_channels": cfg.data.channels,
-        "spec": asdict(spec), "labels": ["NORMAL", "PNEUMONIA"], "shards": str(cfg.data.shards),
+        "spec": asdict(spec), "labels": list(LABELS), "shards": str(cfg.data.shards),
         "manifest": str(manifest_path),
         "val_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }

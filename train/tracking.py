@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 from accelerate import Accelerator
 
+from pipelines.manifest import LABELS
 from train.config import LogConfig
-
-LABEL_NAMES = ["NORMAL", "PNEUMONIA"]
 
 
 def wandb_init_kwargs(cfg: LogConfig, run_dir: Path) -> dict:
@@ -92,10 +91,10 @@ class MetricsLogger:
         both = np.stack([1.0 - probs, probs], axis=1)
         preds = (probs >= 0.5).astype(int)
         self.wandb_run.log({
-            f"{prefix}/roc": wandb.plot.roc_curve(labels, both, labels=LABEL_NAMES, classes_to_plot=[1]),
-            f"{prefix}/pr": wandb.plot.pr_curve(labels, both, labels=LABEL_NAMES, classes_to_plot=[1]),
+            f"{prefix}/roc": wandb.plot.roc_curve(labels, both, labels=list(LABELS), classes_to_plot=[1]),
+            f"{prefix}/pr": wandb.plot.pr_curve(labels, both, labels=list(LABELS), classes_to_plot=[1]),
             f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-                y_true=labels.tolist(), preds=preds.tolist(), class_names=LABEL_NAMES),
+                y_true=labels.tolist(), preds=preds.tolist(), class_names=list(LABELS)),
         }, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:

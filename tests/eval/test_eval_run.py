@@ -16,6 +16,7 @@ from PIL import Image
 
 from eval import metrics as M
 from eval import report as R
+from pipelines.manifest import sha256_file
 
 pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -57,8 +58,8 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
         assert json.loads(json.dumps(R._finite_or_none(again[section]))) == report[section], section
     assert json.loads(json.dumps(R._finite_or_none(again["tta"]["metrics"]))) == report["tta"]["metrics"]
     assert set(report["subtypes"]) <= {"bacteria", "virus"} and report["subtypes"]
-    assert report["provenance"]["sha256"]["model"] == R.file_sha256(smoke_run / "best" / "model.safetensors")
-    assert report["provenance"]["sha256"]["manifest"] == R.file_sha256(Path(report["provenance"]["shards"]) / "manifest.json")
+    assert report["provenance"]["sha256"]["model"] == sha256_file(smoke_run / "best" / "model.safetensors")
+    assert report["provenance"]["sha256"]["manifest"] == sha256_file(Path(report["provenance"]["shards"]) / "manifest.json")
 
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
         with Image.open(out / name) as image:
