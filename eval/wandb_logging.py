@@ -18,6 +18,11 @@ from eval.metrics import COUNT_KEYS, RATE_KEYS, pr_points, roc_points
 from pipelines.manifest import LABELS
 
 
+def offline_unless_configured() -> dict[str, str]:
+    """`wandb.init` kwargs: offline unless credentials or WANDB_MODE say otherwise (never needs the network)."""
+    return {} if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else {"mode": "offline"}
+
+
 def _curve_chart(x: list[float], y: list[float], *, x_name: str, y_name: str, title: str, x_title: str, y_title: str):
     """A W&B line chart with the vega spec `wandb.plot.roc_curve`/`pr_curve` use.
 
@@ -103,9 +108,7 @@ def log_eval_run(
     }
     if not os.environ.get("WANDB_DIR"):
         kwargs["dir"] = str(run_dir)
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        kwargs["mode"] = "offline"
-    run = wandb.init(**kwargs)
+    run = wandb.init(**kwargs, **offline_unless_configured())
     try:
         run.summary.update(summary_metrics(report, split))
         preds = (probs >= report["threshold"]["value"]).astype(int)

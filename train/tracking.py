@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from accelerate import Accelerator
 
+from eval.wandb_logging import offline_unless_configured, pr_chart, roc_chart
 from pipelines.manifest import LABELS
 from train.config import LogConfig
 
@@ -26,8 +27,7 @@ def wandb_init_kwargs(cfg: LogConfig, run_dir: Path) -> dict:
         kwargs["entity"] = cfg.entity
     if cfg.group:
         kwargs["group"] = cfg.group
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        kwargs["mode"] = "offline"
+    kwargs.update(offline_unless_configured())
     # A resumed training run continues the same W&B run instead of starting a second one.
     id_file = run_dir / "wandb_run_id.txt"
     if id_file.is_file():
@@ -88,11 +88,10 @@ class MetricsLogger:
             return
         import wandb
 
-        both = np.stack([1.0 - probs, probs], axis=1)
         preds = (probs >= 0.5).astype(int)
         self.wandb_run.log({
-            f"{prefix}/roc": wandb.plot.roc_curve(labels, both, labels=list(LABELS), classes_to_plot=[1]),
-            f"{prefix}/pr": wandb.plot.pr_curve(labels, both, labels=list(LABELS), classes_to_plot=[1]),
+            f"{prefix}/roc": roc_chart(labels, probs, f"ROC curve ({prefix})"),
+            f"{prefix}/pr": pr_chart(labels, probs, f"Precision-recall curve ({prefix})"),
             f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=labels.tolist(), preds=preds.tolist(), class_names=list(LABELS)),
         }, step=step)
