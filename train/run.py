@@ -35,8 +35,6 @@ from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
 from train.tracking import MetricsLogger
 
-log = logging.getLogger("train")
-
 
 @dataclass(frozen=True)
 class Derived:
