@@ -39,7 +39,7 @@ from pipelines.loaders import build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
 from pipelines.spec import PreprocessSpec
 from train.config import Config, ConfigError, config_to_dict, read_config
-from train.launch import build_accelerator
+from train.launch import build_accelerator, input_dtype
 from train.model import build_model
 
 BEST_FILES = ("model.safetensors", "config.yaml", "meta.json")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             train=False, loader=args.loader or cfg.data.loader, rank=accelerator.process_index,
             world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
             num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers,
-            hw_decoder_load=cfg.data.hw_decoder_load)
+            hw_decoder_load=cfg.data.hw_decoder_load, dtype=input_dtype(accelerator))
 
     loader = loader_for(args.split)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)

@@ -8,6 +8,7 @@ following `pipelines.plan` for rank slices and batch counts.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
-from pipelines.plan import RankedLoader, SplitShards, rank_range, sample_key, tar_order
+from pipelines.plan import RankedLoader, SplitShards, rank_range, sample_key
 from pipelines.spec import PreprocessSpec
 
 _DALI_FLOAT = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
@@ -81,11 +82,17 @@ def _name_bad_sample(message: str) -> str | None:
 
 @pipeline_def
 def wds_pipeline(*, tars: Sequence[str], indexes: Sequence[str], spec: PreprocessSpec, train: bool, device: str,
-                 shard_id: int, num_shards: int, reader_seed: int, hw_decoder_load: float, dtype):
-    """Reader + `image_ops`; outputs (images HWC, cls bytes, source_info bytes naming tar:offset:member)."""
+                 shard_id: int, num_shards: int, hw_decoder_load: float, dtype):
+    """Reader + `image_ops`; outputs (images HWC, cls bytes, source_info bytes naming tar:offset:member).
+
+    Training: `shuffle_after_epoch` draws one permutation of the whole split per epoch from DALI's fixed
+    per-epoch seed, identical on every rank, so the ranks' slices of it are disjoint (a per-rank
+    `random_shuffle` buffer would only mix neighbouring samples of the same tars). Evaluation: each rank
+    keeps its slice (`stick_to_shard`), and the padded last batch closes the reader's epoch.
+    """
     jpegs, cls = fn.readers.webdataset(
         paths=list(tars), index_paths=list(indexes), ext=["jpg", "cls"], shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=train, seed=reader_seed, pad_last_batch=not train, name="Reader",
+        shuffle_after_epoch=train, stick_to_shard=not train, pad_last_batch=not train, name="Reader",
         missing_component_behavior="error")
     # The reader's source_info is "<tar>:<offset>:<member name>", so keys come from the tar itself
     # rather than from an extra `.json` read and parse per sample.
@@ -97,9 +104,13 @@ def wds_pipeline(*, tars: Sequence[str], indexes: Sequence[str], spec: Preproces
 class DaliLoader(RankedLoader):
     """Iterable of `Batch` over one split, for one rank (see `pipelines.plan` for the epoch rules).
 
-    A fresh pipeline is built per epoch: its reader seed and tar order then depend only on
-    (seed, epoch), so `set_epoch` after a resume reproduces the uninterrupted run, and an epoch
-    never starts mid-way through the previous one's reader state.
+    One pipeline serves every epoch: building one (thread pools, nvJPEG and its hardware decoder, memory
+    pools, the first prefetch) is paid once per run, not once per epoch. Training reads a fresh global
+    shuffle of the split every epoch (`shuffle_after_epoch`, the same permutation on every rank, so rank
+    slices stay disjoint) as one continuous stream; evaluation reads the rank's slice in manifest order and
+    ends each epoch exactly at the reader's epoch boundary (`pad_last_batch`, `stick_to_shard`).
+    Resume stays exact: `state()` is DALI's own checkpoint of the reader position and every random
+    generator (bytes, not a pickle), and `load_state()` makes the next pipeline start from it.
     """
 
     name = "dali"
@@ -111,25 +122,46 @@ class DaliLoader(RankedLoader):
         super().__init__(shards, spec=spec, per_device_batch_size=per_device_batch_size, train=train, rank=rank,
                          world_size=world_size, device=device, seed=seed, dtype=dtype, reason=reason)
         self.num_threads, self.hw_decoder_load, self.prefetch_queue_depth = num_threads, hw_decoder_load, prefetch_queue_depth
+        self._pipe = None
+        self._restore: bytes | None = None
+        self.builds = 0  # pipelines built so far (1 per run unless an evaluation epoch was abandoned)
+        self.build_seconds = 0.0
 
     def _build(self):
-        order = tar_order(len(self.shards.tars), train=self.train, seed=self.seed, epoch=self.epoch)
         on_gpu = self.device.type == "cuda"
-        # Seeds differ per rank (different augmentations) and per epoch; DALI wants them < 2**31.
-        base = int(np.random.default_rng([self.seed, self.epoch, self.rank]).integers(0, 2**31 - 1, size=2)[0])
+        # Seeds differ per rank (different augmentations); DALI wants them < 2**31. The epoch is not part of
+        # the seed: one pipeline runs every epoch and its checkpoint carries the generators' state.
+        base = int(np.random.default_rng([self.seed, self.rank]).integers(0, 2**31 - 1))
+        start = time.perf_counter()
         pipe = wds_pipeline(
             batch_size=self.per_device_batch_size, num_threads=self.num_threads,
             device_id=(self.device.index or 0) if on_gpu else None, seed=base,
-            prefetch_queue_depth=self.prefetch_queue_depth,
-            tars=[str(self.shards.tars[i]) for i in order], indexes=[str(self.shards.indexes[i]) for i in order],
+            prefetch_queue_depth=self.prefetch_queue_depth, enable_checkpointing=self.train,
+            checkpoint=self._restore if self.train else None,
+            tars=[str(t) for t in self.shards.tars], indexes=[str(i) for i in self.shards.indexes],
             spec=self.spec, train=self.train, device="gpu" if on_gpu else "cpu", shard_id=self.rank,
-            num_shards=self.world_size, reader_seed=(base + 1) % (2**31 - 1), hw_decoder_load=self.hw_decoder_load,
-            dtype=_DALI_FLOAT.get(self.dtype, types.FLOAT))
+            num_shards=self.world_size, hw_decoder_load=self.hw_decoder_load,
+            dtype=_DALI_FLOAT[self._out_dtype()])
         try:
             pipe.build()
         except RuntimeError as exc:
             raise self._error(exc) from exc
+        self.builds += 1
+        self.build_seconds += time.perf_counter() - start
         return pipe
+
+    def state(self) -> bytes | None:
+        """DALI's checkpoint of the training pipeline (reader position, RNG states) at the next batch."""
+        if not self.train:
+            return None
+        if self._pipe is None:
+            return self._restore
+        return self._pipe.checkpoint()
+
+    def load_state(self, state: bytes) -> None:
+        """Continue from a `state()` taken by an earlier run (the next pipeline is built from it)."""
+        if self.train:
+            self._restore, self._pipe = bytes(state), None
 
     def _error(self, exc: Exception) -> ShardsError:
         named = _name_bad_sample(str(exc))
@@ -166,12 +198,17 @@ class DaliLoader(RankedLoader):
         return Batch(batch_images, batch_labels, keys)
 
     def _out_dtype(self) -> torch.dtype:
-        return self.dtype if self.dtype in _DALI_FLOAT else torch.float32
+        # DALI has no bfloat16: for a bf16 model it emits float16 (half the bytes of float32) and the copy to
+        # bfloat16 happens once on the device, so the first convolution gets what it computes in, with no cast.
+        if self.dtype in _DALI_FLOAT:
+            return self.dtype
+        return torch.float16 if self.dtype == torch.bfloat16 else torch.float32
 
     def __iter__(self) -> Iterator[Batch]:
         sizes = self.batch_sizes()
-        pipe = self._build()
-        last = None
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe, last, finished = self._pipe, None, False
         try:
             for real in sizes:
                 if real == 0:
@@ -184,8 +221,11 @@ class DaliLoader(RankedLoader):
                     batch = Batch(batch.images[:real], batch.labels[:real], batch.keys[:real])
                 last = batch
                 yield batch
+            finished = True
         finally:
-            del pipe
+            if not finished and not self.train:
+                # An abandoned evaluation epoch leaves the reader mid-slice; the next epoch starts afresh.
+                self._pipe = None
 
     def rank_samples(self) -> int:
         """Samples this rank holds in the current epoch (for logging)."""

@@ -1,9 +1,10 @@
 """Which samples each rank reads in an epoch, and how many batches that makes.
 
-Both loaders follow this plan so DALI and the torch fallback yield the same batches (same keys in
-the same order in evaluation) and every rank agrees on the batch count:
-- the split's tars are concatenated in manifest order (training: a permutation drawn from
-  seed + epoch, identical on every rank, so each epoch gives every rank a different slice);
+Both loaders follow this plan so DALI and the torch fallback yield the same batches in evaluation
+(same keys in the same order) and every rank agrees on the batch count:
+- the split's tars are concatenated in manifest order (training: the torch loader draws a tar
+  permutation from seed + epoch, DALI a permutation of all samples per epoch; both identical on every
+  rank, so rank slices are disjoint and each epoch gives every rank a different slice);
 - rank r of R reads the contiguous sample range [floor(r*N/R), floor((r+1)*N/R)), which is how
   DALI's readers partition with `shard_id`/`num_shards`, so rank slices are disjoint;
 - training yields floor(floor(N/R) / B) full batches on every rank (the smallest rank slice bounds
@@ -130,6 +131,13 @@ class RankedLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state(self) -> bytes | None:
+        """Loader state a checkpoint must keep for an exact resume; None when (seed, epoch) determine it."""
+        return None
+
+    def load_state(self, state: bytes) -> None:
+        """Restore a `state()`; loaders without state have nothing to restore."""
 
     def batch_sizes(self) -> list[int]:
         """Real samples in each of this epoch's batches on this rank (0: an evaluation filler batch)."""

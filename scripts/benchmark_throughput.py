@@ -155,13 +155,19 @@ def _endless(loader) -> Iterator:
         epoch += 1
 
 
-def _shard_loader(name: str, shards: Path, args: argparse.Namespace, *, train: bool, split: str):
+def _input_dtype(precision: str) -> torch.dtype:
+    """What the loader emits for a model running in `precision` (train.launch.input_dtype's rule)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _shard_loader(name: str, shards: Path, args: argparse.Namespace, *, train: bool, split: str,
+                  dtype: torch.dtype = torch.float32):
     from pipelines.loaders import build_loader
     from pipelines.spec import PreprocessSpec
 
     spec = PreprocessSpec.from_manifest(shards, image_size=args.image_size)
     loader = build_loader(shards, split, spec=spec, per_device_batch_size=args.batch_size, train=train, loader=name,
-                          device=args.device, num_workers=args.num_workers)
+                          device=args.device, num_workers=args.num_workers, dtype=dtype)
     if len(loader) == 0:
         raise SystemExit(f"{shards}/{split} has {loader.num_samples} samples: fewer than one batch of "
                          f"--batch-size {args.batch_size}; lower it or pass larger --shards/--train-shards")
@@ -309,7 +315,9 @@ def run_model_config(args: argparse.Namespace, key: tuple) -> dict:
     step = build_train_step(arch=arch, channels=channels, precision=precision, memory_format=memory_format,
                             compile_mode=compile_mode, device=device)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(batch_size, channels, image_size, image_size, generator=generator).to(device)
+    # The dtype the loader hands a model of this precision (bf16 for bf16 autocast): the same batch as train rows.
+    images = torch.randn(batch_size, channels, image_size, image_size, generator=generator).to(
+        device, _input_dtype(precision))
     if memory_format == "channels_last":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (batch_size,), generator=generator).to(device)
@@ -359,7 +367,8 @@ def run_train_config(args: argparse.Namespace, name: str) -> dict:
         stream = ((images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
                   for images, labels in _endless(loader))
     else:
-        loader, channels = _shard_loader(name, args.train_shards, args, train=True, split="train")
+        loader, channels = _shard_loader(name, args.train_shards, args, train=True, split="train",
+                                         dtype=_input_dtype(args.train_precision))
         source = str(args.train_shards)
         stream = ((batch.images, batch.labels) for batch in _endless(loader))
     key = _model_key(args, channels, args.train_precision, args.train_format, args.train_compile_mode)

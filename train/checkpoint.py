@@ -59,8 +59,16 @@ def _epoch_dirs(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.glob("epoch-*") if p.is_dir()), reverse=True)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
-    """Every rank calls this (save_state writes per-rank RNG state); rank 0 renames and prunes."""
+def loader_state_name(rank: int, world_size: int) -> str:
+    """Per-rank file of the training loader's state; the world size is in the name because DALI's reader
+    position is a position in this rank's slice of `world_size` slices."""
+    return f"loader-rank{rank}-of-{world_size}.state"
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int,
+                    loader_state: bytes | None = None) -> Path:
+    """Every rank calls this (save_state writes per-rank RNG state, each rank its loader state); rank 0
+    renames and prunes."""
     root = checkpoint_root(run_dir)
     final = root / f"epoch-{state.epoch:04d}"
     tmp = root / f".tmp-epoch-{state.epoch:04d}"
@@ -69,6 +77,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if loader_state is not None:
+        (tmp / loader_state_name(accelerator.process_index, accelerator.num_processes)).write_bytes(loader_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / COMPLETE).write_text(json.dumps({"epoch": state.epoch, "step": state.step}))
@@ -126,6 +136,17 @@ def try_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | N
         raise RuntimeError(
             f"no loadable checkpoint in {checkpoint_root(run_dir)} (newest damaged: {partly_loaded}); delete the "
             "damaged checkpoints to resume from an older one, or start over in a new --run.dir")
+    return None
+
+
+def read_loader_state(accelerator: Accelerator, ckpt: Path) -> bytes | None:
+    """This rank's saved loader state in `ckpt`, or None (with a warning: the data order then differs from
+    the uninterrupted run's) when the checkpoint has none for this rank and world size."""
+    path = ckpt / loader_state_name(accelerator.process_index, accelerator.num_processes)
+    if path.is_file():
+        return path.read_bytes()
+    if any(ckpt.glob("loader-rank*.state")):
+        log.warning("%s holds loader states of another world size; this run's data order starts afresh", ckpt)
     return None
 
 

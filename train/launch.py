@@ -22,3 +22,8 @@ def build_accelerator(**kwargs) -> Accelerator:
         warnings.warn(f"mixed_precision={requested} requested but this runs on CPU: using fp32", stacklevel=2)
         mixed_precision = "no"
     return Accelerator(cpu=on_cpu, mixed_precision=mixed_precision, **kwargs)
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype loaders emit: what the model's first layer computes in, so autocast has nothing to cast."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32

@@ -27,9 +27,9 @@ from accelerate.utils import set_seed
 from pipelines.loaders import build_loader
 from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
-from train.checkpoint import TrainState, export_best, save_checkpoint, try_resume
+from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, save_config
-from train.launch import build_accelerator
+from train.launch import build_accelerator, input_dtype
 from train.loop import evaluate, train_one_epoch
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
@@ -108,7 +108,8 @@ def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
     # Sharded by *global* rank; DALI iterators are never passed to accelerator.prepare.
     common = dict(spec=spec, loader=cfg.data.loader, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
-                  num_workers=cfg.data.num_workers, hw_decoder_load=cfg.data.hw_decoder_load)
+                  num_workers=cfg.data.num_workers, hw_decoder_load=cfg.data.hw_decoder_load,
+                  dtype=input_dtype(accelerator))
     train_loader = build_loader(cfg.data.shards, cfg.data.train_split, train=True,
                                 per_device_batch_size=cfg.data.per_device_batch_size, **common)
     val_loader = build_loader(cfg.data.shards, cfg.data.val_split, train=False,
@@ -163,6 +164,13 @@ def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dic
     }
 
 
+def loader_builds(train_loader, val_loader) -> dict:
+    """Pipelines built and the seconds that took (DALI); one each per launch, not one per epoch."""
+    return {f"{name}_loader_{what}": getattr(loader, attr) for name, loader in (("train", train_loader),
+            ("val", val_loader)) for what, attr in (("builds", "builds"), ("build_s", "build_seconds"))
+            if hasattr(loader, attr)}
+
+
 def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
         manifest_path: Path) -> None:
     run_dir = Path(cfg.run.dir)
@@ -205,7 +213,7 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
                     * derived.world_size / train_time}, step=state.step, epoch=state.epoch)
         logger.log_curves(labels, probs, step=state.step)
         state.wall_time_s += time.perf_counter() - epoch_start
-        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, train_loader.state())
     if progress is not None:
         progress.close()
 
@@ -235,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.register_for_checkpointing(state)
     resumed = try_resume(accelerator, run_dir, cfg.train.resume)
     if resumed is not None:
-        accelerator.print(f"resumed from {resumed} at epoch {state.epoch}, step {state.step}")
+        loader_state = read_loader_state(accelerator, resumed)
+        if loader_state is not None:
+            train_loader.load_state(loader_state)
+        accelerator.print(f"resumed from {resumed} at epoch {state.epoch}, step {state.step}"
+                          f"{'' if loader_state is not None else ' (no loader state: data order starts afresh)'}")
     logger = MetricsLogger(accelerator, cfg.log, run_dir, {**config_to_dict(cfg), "derived": asdict(derived)},
                            resumed_step=state.step)
     try:
@@ -247,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_time_s": state.train_time_s,
             "images_per_sec": state.images_seen / state.train_time_s if state.train_time_s else None,
             "resumed_from": str(resumed) if resumed else None, **asdict(derived),
+            **loader_builds(train_loader, val_loader),
         })
     finally:
         logger.close()

@@ -66,6 +66,7 @@ def test_train_drops_partial_batch_and_augments_randomly(tiny_shards):
     loader.set_epoch(1)
     next_epoch = list(loader)
     assert [b.keys for b in next_epoch] != [b.keys for b in first]
+    assert loader.builds == 1  # one pipeline for every epoch, not one per epoch
     other_seed = list(_loader(tiny_shards, "train", train=True, bs=8, seed=4))
     assert not torch.equal(other_seed[0].images, first[0].images)
 
@@ -74,6 +75,42 @@ def test_eval_is_deterministic(tiny_shards):
     a, b = list(_loader(tiny_shards, "test", seed=1)), list(_loader(tiny_shards, "test", seed=2))
     assert [x.keys for x in a] == [y.keys for y in b]
     assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
+    # The same pipeline again: the padded last batch closed the reader's epoch, so it starts over exactly.
+    loader = _loader(tiny_shards, "test", seed=1)
+    for epoch in range(3):
+        again = list(loader)
+        assert [x.keys for x in again] == [y.keys for y in a], epoch
+        assert all(torch.equal(x.images, y.images) for x, y in zip(a, again, strict=True))
+    assert loader.builds == 1
+    # An abandoned epoch (an exception mid-evaluation) must not shift the next one.
+    iterator = iter(loader)
+    next(iterator)
+    iterator.close()
+    assert [x.keys for x in loader] == [y.keys for y in a]
+
+
+def test_bf16_output_is_what_a_bf16_model_consumes(tiny_shards):
+    fp32 = list(_loader(tiny_shards, "val"))
+    bf16 = list(_loader(tiny_shards, "val", dtype=torch.bfloat16))
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b.images.dtype == torch.bfloat16 and b.images.is_contiguous(memory_format=torch.channels_last)
+        assert b.keys == a.keys
+        # float16 from DALI, bfloat16 on the device: within bf16 rounding (8 bits of mantissa) of fp32.
+        assert (b.images.float() - a.images).abs().max() <= 2 ** -7 * a.images.abs().max() + 1e-3
+
+
+def test_train_state_resumes_the_exact_stream(tiny_shards):
+    loader = _loader(tiny_shards, "train", train=True, bs=8, seed=3)
+    list(loader)
+    state = loader.state()
+    assert isinstance(state, bytes) and state
+    expected = list(loader) + list(loader)
+    fresh = _loader(tiny_shards, "train", train=True, bs=8, seed=3)
+    fresh.load_state(state)
+    got = list(fresh) + list(fresh)
+    assert [b.keys for b in got] == [b.keys for b in expected]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(expected, got, strict=True))
+    assert _loader(tiny_shards, "val").state() is None
 
 
 def test_three_channels_replicate_gray(tiny_shards):
@@ -121,6 +158,9 @@ def test_mixed_decoder_on_gpu_same_contract_and_close_to_cpu(tiny_shards):
     spec = PreprocessSpec.from_manifest(tiny_shards)
     diff = torch.cat([(g.images.cpu() - c.images).abs() for g, c in zip(gpu, cpu, strict=True)]).mean()
     assert diff * spec.std * 255 < 3.0  # nvJPEG vs libjpeg-turbo IDCT rounding, GPU vs CPU resize
+    bf16 = next(iter(_loader(tiny_shards, "val", device="cuda", dtype=torch.bfloat16)))
+    assert bf16.images.dtype == torch.bfloat16 and bf16.images.device.type == "cuda"
+    assert bf16.images.is_contiguous(memory_format=torch.channels_last)
     train = list(_loader(tiny_shards, "train", train=True, device="cuda", bs=8))
     assert len(train) == len(_loader(tiny_shards, "train", train=True, bs=8))
     _check_contract(train, tiny_shards, "train", "cuda")
