@@ -15,7 +15,9 @@ VENV_BIN = Path(sys.executable).parent
 def train_env(tmp: Path, **extra: str) -> dict[str, str]:
     """W&B offline into `tmp`, never the network; one intra-op thread per process on the shared CPU."""
     return {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true",
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+            "OMP_NUM_THREADS": "1",
+            # Prepended, not replaced: a host whose packages come on PYTHONPATH (a carried stack) keeps them.
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), **extra}
 
 
 def train_cmd(shards: Path, run_dir: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> list[str]:
