@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if check.left() < minimum:
             check.results["steps"][name] = {"skipped": f"{check.left():.0f} s left, needs >= {minimum:.0f} s"}
             check.log(f"== {name}: skipped (budget)")
+            check.save()
             continue
         check.log(f"== {name} ({check.left():.0f} s left)")
         start = time.monotonic()
