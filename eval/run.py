@@ -35,7 +35,7 @@ from torch import nn
 from eval import metrics as M
 from eval import report as R
 from eval.predict import TTA_DESCRIPTION, predict
-from pipelines.loaders import build_loader
+from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
 from pipelines.spec import PreprocessSpec
 from train.config import Config, ConfigError, config_to_dict, read_config
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "on validation, instead of Youden's J")
     parser.add_argument("--tta", action="store_true", help="also report test-time augmentation (separately)")
     parser.add_argument("--batch-size", type=int, help="per-device batch size (default: data.per_device_eval_batch_size)")
-    parser.add_argument("--loader", choices=("auto", "dali", "torch"), help="default: the run's data.loader")
+    parser.add_argument("--loader", choices=LOADERS, help="default: the run's data.loader")
     parser.add_argument("--num-workers", type=int, help="default: the run's data.num_workers")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -114,8 +114,7 @@ def preprocess_spec(meta: dict, cfg: Config, manifest: dict) -> PreprocessSpec:
     if "spec" in meta:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()}
         return PreprocessSpec(**values)
-    return PreprocessSpec.from_manifest(manifest, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                                        eval_crop_fraction=cfg.data.eval_crop_fraction)
+    return PreprocessSpec.from_config(cfg.data, manifest)
 
 
 def choose_threshold(args, val_predictions) -> tuple[float, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -12,7 +13,8 @@ from pipelines.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-LOADERS = ("auto", "dali", "torch")
+LoaderName = Literal["auto", "dali", "torch"]
+LOADERS: tuple[str, ...] = get_args(LoaderName)
 
 
 def _import_dali():

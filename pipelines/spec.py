@@ -1,19 +1,19 @@
-"""One preprocessing spec that both loaders (DALI and the torch fallback) implement."""
+"""The preprocessing settings (declared once) and the spec both loaders (DALI and the torch fallback) implement."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
-class PreprocessSpec:
-    """Image size, normalization and augmentation shared by every loader.
+class PreprocessConfig:
+    """Image size, channels, augmentation and eval policy: declared once, here.
 
-    `mean`/`std` are single-channel statistics of the training shards in [0, 1] (manifest `stats`);
-    with `channels=3` the gray image is replicated so ImageNet-shaped stems accept it.
+    The training config's `data` section is this class plus the data settings (`train.config.DataConfig`
+    inherits it), so `--data.train_scale=...` reaches `image_ops` without a copy by hand.
     Training: random resized crop (`train_scale` = fraction of the image area, `train_ratio` =
     width/height), rotation by up to `train_rotate_deg`, brightness and contrast factors drawn
     from [1 - x, 1 + x], horizontal flip off by default because chest anatomy is not mirror
@@ -21,35 +21,62 @@ class PreprocessSpec:
     `round(image_size / eval_crop_fraction)` and take the centred `image_size` square.
     """
 
-    image_size: int = 224
-    channels: int = 1
-    mean: float = 0.5
-    std: float = 0.25
-    train_scale: tuple[float, float] = (0.5, 1.0)
-    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    train_rotate_deg: float = 7.0
-    train_brightness: float = 0.2
-    train_contrast: float = 0.2
-    train_hflip: bool = False
-    eval_crop_fraction: float = 1.0
+    image_size: int = 224  # side of the square network input, pixels
+    channels: Literal[1, 3] = 1  # 1: grayscale stem (X-rays are gray); 3: gray replicated, for ImageNet weights
+    train_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area fraction (lo, hi)
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect ratio range (w/h)
+    train_rotate_deg: float = 7.0  # random rotation up to +/- this many degrees; 0 disables
+    train_brightness: float = 0.2  # brightness factor drawn from [1 - x, 1 + x]; 0 disables
+    train_contrast: float = 0.2  # contrast factor drawn from [1 - x, 1 + x]; 0 disables
+    train_hflip: bool = False  # chest anatomy is not mirror-symmetric (heart on the left)
+    eval_crop_fraction: float = 1.0  # eval: resize shorter side to image_size / fraction, then centre crop
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ValueError(f"PreprocessSpec.image_size must be >= 8, got {self.image_size}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"PreprocessSpec.channels must be 1 or 3, got {self.channels}")
+        problem = preprocess_problem(self)
+        if problem:
+            raise ValueError(problem)
+
+
+def preprocess_problem(cfg: PreprocessConfig) -> str | None:
+    """The first invalid preprocessing value, as a sentence naming the field; None when all are valid."""
+    if cfg.image_size < 8:
+        return f"image_size must be >= 8, got {cfg.image_size}"
+    if cfg.channels not in (1, 3):
+        return f"channels must be 1 or 3, got {cfg.channels}"
+    lo, hi = cfg.train_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        return f"train_scale must satisfy 0 < lo <= hi <= 1, got {tuple(cfg.train_scale)}"
+    lo, hi = cfg.train_ratio
+    if not 0.0 < lo <= hi:
+        return f"train_ratio must satisfy 0 < lo <= hi, got {tuple(cfg.train_ratio)}"
+    if not 0.0 <= cfg.train_brightness < 1.0 or not 0.0 <= cfg.train_contrast < 1.0:
+        return "train_brightness/train_contrast must be in [0, 1)"
+    if cfg.train_rotate_deg < 0:
+        return f"train_rotate_deg must be >= 0, got {cfg.train_rotate_deg}"
+    if not 0.0 < cfg.eval_crop_fraction <= 1.0:
+        return f"eval_crop_fraction must be in (0, 1], got {cfg.eval_crop_fraction}"
+    return None
+
+
+@dataclass(frozen=True)
+class PreprocessSpec(PreprocessConfig):
+    """What both loaders (DALI and the torch fallback) implement: the preprocessing config plus the
+    single-channel `mean`/`std` of the training shards in [0, 1] (manifest `stats`)."""
+
+    mean: float = 0.5
+    std: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.std:
             raise ValueError(f"PreprocessSpec.std must be > 0, got {self.std}")
-        lo, hi = self.train_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"PreprocessSpec.train_scale must satisfy 0 < lo <= hi <= 1, got {self.train_scale}")
-        lo, hi = self.train_ratio
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"PreprocessSpec.train_ratio must satisfy 0 < lo <= hi, got {self.train_ratio}")
-        if not 0.0 <= self.train_brightness < 1.0 or not 0.0 <= self.train_contrast < 1.0:
-            raise ValueError("PreprocessSpec.train_brightness/train_contrast must be in [0, 1)")
-        if not 0.0 < self.eval_crop_fraction <= 1.0:
-            raise ValueError(f"PreprocessSpec.eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+
+    @classmethod
+    def from_config(cls, cfg: PreprocessConfig, manifest_or_dir: dict[str, Any] | str | Path) -> PreprocessSpec:
+        """The preprocessing fields of `cfg` (any PreprocessConfig, e.g. the training config's `data`) with
+        the manifest's stats; no field is named here, so a new setting needs no copy."""
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PreprocessConfig)}
+        return cls.from_manifest(manifest_or_dir, **values)
 
     @property
     def eval_resize_size(self) -> int:

@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -258,12 +259,14 @@ def bench_loader(args: argparse.Namespace) -> list[dict]:
 
 def build_train_step(*, arch: str, channels: int, precision: str, memory_format: str, compile_mode: str,
                      device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training step of train/loop.py without Accelerate: autocast forward, fp32 loss, backward, clip, AdamW.
+    """`train.loop.train_step` (the step training runs) without Accelerate: autocast forward, fp32 loss,
+    backward, clip, AdamW.
 
     bf16 uses `torch.autocast(device_type, dtype=torch.bfloat16)` around the forward only, which is what
     Accelerate's `mixed_precision="bf16"` wraps the model's forward in.
     """
     from train.config import ModelConfig, OptimConfig
+    from train.loop import train_step
     from train.model import build_model
     from train.optim import build_loss, build_optimizer
 
@@ -279,16 +282,10 @@ def build_train_step(*, arch: str, channels: int, precision: str, memory_format:
     to_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        images = images.contiguous(memory_format=to_format)  # no copy when already in the layout
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = forward(images)
-        loss = loss_fn(logits.float(), labels)
-        loss.backward()
-        if optim_cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return train_step(forward, images.contiguous(memory_format=to_format), labels, loss_fn=loss_fn,
+                          optimizer=optimizer, backward=torch.Tensor.backward,
+                          clip_grad_norm=torch.nn.utils.clip_grad_norm_, grad_clip_norm=optim_cfg.grad_clip_norm,
+                          autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16))
 
     return step
 
@@ -577,10 +574,9 @@ def resolve(args: argparse.Namespace) -> list[str]:
     args.train_loader_list = _split_list(args.train_loaders or args.loaders or "dali", ALL_LOADERS, "--train-loaders")
     args.model_cache = {}
     if kind == "cuda":
-        # The same settings train/run.py uses on CUDA.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        from train.launch import configure_cuda_backends
+
+        configure_cuda_backends()  # the same flags train/run.py sets
 
     uses_loader = args.what in ("loader", "all")
     uses_train = args.what in ("train", "all")

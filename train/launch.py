@@ -27,3 +27,13 @@ def build_accelerator(**kwargs) -> Accelerator:
 def input_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype loaders emit: what the model's first layer computes in, so autocast has nothing to cast."""
     return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+def configure_cuda_backends() -> None:
+    """cuDNN autotuning and TF32 matmuls/convolutions: the one place these flags are set (training,
+    evaluation and the benchmark). No-op without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -23,6 +24,32 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["perf/gpu_peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, backward: Callable[[torch.Tensor], None],
+               clip_grad_norm: Callable, grad_clip_norm: float, sync_gradients: bool = True,
+               lr: float | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+    """One training step: forward (under `autocast`), fp32 loss, backward, clip, optimizer step.
+
+    The one definition of a step: `train_one_epoch` calls it with Accelerate's backward and clipping (a
+    prepared model already runs its forward under Accelerate's autocast), and
+    `scripts/benchmark_throughput.py` with plain torch, so the benchmark times what training runs. Returns
+    the detached loss without reading it back (no host sync).
+    """
+    with autocast():
+        logits = model(images)
+    loss = loss_fn(logits.float(), labels)
+    backward(loss)
+    if sync_gradients:
+        if lr is not None:
+            set_lr(optimizer, lr)
+        if grad_clip_norm > 0:
+            clip_grad_norm(model.parameters(), grad_clip_norm)
+    # Under accelerator.accumulate the prepared optimizer skips these until the accumulation boundary.
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def train_one_epoch(
@@ -56,17 +83,12 @@ def train_one_epoch(
         batch = next(batches)
         window_wait += time.perf_counter() - wait_start
         with accelerator.accumulate(model):
-            logits = model(batch.images)
-            loss = loss_fn(logits.float(), batch.labels)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                set_lr(optimizer, lr_for_step(state.step))
-                if grad_clip_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_detached = train_step(
+                model, batch.images, batch.labels, loss_fn=loss_fn, optimizer=optimizer,
+                backward=accelerator.backward, clip_grad_norm=accelerator.clip_grad_norm_,
+                grad_clip_norm=grad_clip_norm, sync_gradients=accelerator.sync_gradients,
+                lr=lr_for_step(state.step))
         # Accumulated on the device: no .item() here, the only host syncs are every `log_every` steps.
-        loss_detached = loss.detach()
         epoch_loss += loss_detached
         window_loss += loss_detached
         window_images += batch.labels.shape[0]

@@ -28,8 +28,8 @@ from pipelines.loaders import build_loader
 from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
-from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, save_config
-from train.launch import build_accelerator, input_dtype
+from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
+from train.launch import build_accelerator, configure_cuda_backends, input_dtype
 from train.loop import evaluate, train_one_epoch
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
@@ -54,10 +54,16 @@ class Derived:
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
-        description="Train a chest X-ray classifier; any --section.key=value overrides the recipe.")
+    """`--config RECIPE.yaml` plus `--section.key=value` overrides; `--help` lists every key."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config", help="recipe YAML, e.g. train/configs/default.yaml")
+    parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(__doc__)
+        print("Options: --config RECIPE.yaml, then any --section.key=value below (defaults < recipe < overrides).\n")
+        print_help("train/run.py")
+        sys.exit(0)
     return args.config, overrides
 
 
@@ -96,12 +102,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def build_spec(data: DataConfig, manifest: dict) -> PreprocessSpec:
-    return PreprocessSpec.from_manifest(
-        manifest, image_size=data.image_size, channels=data.channels, train_scale=data.train_scale,
-        train_ratio=data.train_ratio, train_rotate_deg=data.train_rotate_deg,
-        train_brightness=data.train_brightness, train_contrast=data.train_contrast,
-        train_hflip=data.train_hflip, eval_crop_fraction=data.eval_crop_fraction,
-    )
+    return PreprocessSpec.from_config(data, manifest)
 
 
 def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
@@ -226,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.train.seed)
     configure_cpu_threads(cfg, accelerator)
     if accelerator.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        configure_cuda_backends()
     run_dir = prepare_run_dir(cfg, accelerator)
     manifest = load_manifest(cfg.data.shards)
     spec = build_spec(cfg.data, manifest)

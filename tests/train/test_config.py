@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from pipelines.spec import PreprocessSpec
+from pipelines.spec import PreprocessConfig, PreprocessSpec
 from train.config import (
     Config,
     ConfigError,
@@ -80,13 +80,48 @@ def test_frozen_and_round_trip(tmp_path):
     assert config_to_dict(cfg)["log"]["tags"] == ["x"]
 
 
-def test_data_defaults_match_preprocess_spec():
-    """The config mirrors the spec's augmentation fields; drifting defaults would change training silently."""
-    spec_fields = {f.name: f.default for f in dataclasses.fields(PreprocessSpec)}
-    data = DataConfig()
-    for field in dataclasses.fields(DataConfig):
-        if field.name in spec_fields and field.name not in ("mean", "std"):
-            assert getattr(data, field.name) == pytest.approx(spec_fields[field.name]), field.name
+def test_preprocessing_keys_reach_the_spec_without_a_copy():
+    """DataConfig *is* a PreprocessConfig: a --data override reaches the loaders' spec unchanged."""
+    cfg = load_config(None, ["--data.train_scale=[0.3, 0.9]", "--data.image_size=96", "--data.train_hflip=true"])
+    spec = PreprocessSpec.from_config(cfg.data, {"stats": {"mean": 0.4, "std": 0.2}})
+    assert (spec.train_scale, spec.image_size, spec.train_hflip) == ((0.3, 0.9), 96, True)
+    assert (spec.mean, spec.std) == (0.4, 0.2)
+    assert isinstance(DataConfig(), PreprocessConfig)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--optim.lr=0", "optim.lr"),
+    ("--optim.lr=-1e-3", "optim.lr"),
+    ("--optim.grad_accum_steps=0", "optim.grad_accum_steps"),
+    ("--data.per_device_batch_size=0", "data.per_device_batch_size"),
+    ("--data.channels=2", "data.channels"),
+    ("--data.image_size=0", "data.image_size"),
+    ("--data.train_scale=[0.9, 0.2]", "data.train_scale"),
+    ("--model.arch=resnet5O", "model.arch"),
+    ("--train.epochs=0", "train.epochs"),
+])
+def test_out_of_range_values_are_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("optim:\n  lr: [1e-3\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml line \d+ is not valid YAML"):
+        load_config(recipe)
+
+
+def test_help_lists_every_key_with_its_meaning():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "train/run.py", "--help"], capture_output=True, text=True, check=True).stdout
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(
+                __import__("train.config", fromlist=["x"]), section.type)):
+            assert f"--{section.name}.{f.name}" in out, f"{section.name}.{f.name}"
+    assert "random-resized-crop area fraction" in out and "peak learning rate" in out
 
 
 @pytest.mark.parametrize("recipe", ["default", "demo", "smoke"])
