@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from pipelines.loaders import build_loader
 from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
-from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
+from train.checkpoint import CheckpointError, TrainState, export_best, save_checkpoint, try_resume
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype
 from train.loop import evaluate, train_one_epoch
@@ -204,8 +204,8 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
             state.best_auroc, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
             if accelerator.is_main_process:
                 # Without keep_torch_compile=False a compiled model exports `_orig_mod.*` keys.
-                export_best(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, best_meta(cfg, spec, state, val_metrics,
-                                                                              manifest_path), run_dir)
+                export_best(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, run_dir,
+                            {"meta.json": best_meta(cfg, spec, state, val_metrics, manifest_path)})
         else:
             state.epochs_since_best += 1
         logger.log({**train_metrics, **val_metrics, "val/best_auroc": state.best_auroc,
@@ -214,7 +214,7 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
                     * derived.world_size / train_time}, step=state.step, epoch=state.epoch)
         logger.log_curves(labels, probs, step=state.step)
         state.wall_time_s += time.perf_counter() - epoch_start
-        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, train_loader.state())
+        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, model, optimizer, train_loader.state())
     if progress is not None:
         progress.close()
 
@@ -239,14 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"global batch {derived.global_batch_size}, {derived.steps_per_epoch} steps/epoch")
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    resumed = try_resume(accelerator, run_dir, cfg.train.resume)
+    resumed = try_resume(accelerator, run_dir, cfg.train.resume, model, optimizer, state)
     if resumed is not None:
-        loader_state = read_loader_state(accelerator, resumed)
-        if loader_state is not None:
-            train_loader.load_state(loader_state)
-        accelerator.print(f"resumed from {resumed} at epoch {state.epoch}, step {state.step}"
-                          f"{'' if loader_state is not None else ' (no loader state: data order starts afresh)'}")
+        if resumed.loader_state is not None:
+            train_loader.load_state(resumed.loader_state)
+        accelerator.print(f"resumed from {resumed.path} at epoch {state.epoch}, step {state.step}"
+                          f"{'' if resumed.loader_state is not None else ' (no loader state: data order starts afresh)'}")
     logger = MetricsLogger(accelerator, cfg.log, run_dir, {**config_to_dict(cfg), "derived": asdict(derived)},
                            resumed_step=state.step)
     try:
@@ -257,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": state.step, "wall_time_s": state.wall_time_s,
             "train_time_s": state.train_time_s,
             "images_per_sec": state.images_seen / state.train_time_s if state.train_time_s else None,
-            "resumed_from": str(resumed) if resumed else None, **asdict(derived),
+            "resumed_from": str(resumed.path) if resumed else None, **asdict(derived),
             **loader_builds(train_loader, val_loader),
         })
     finally:
@@ -270,6 +268,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, ShardsError) as exc:
+    except (ConfigError, ShardsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
