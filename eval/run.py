@@ -4,6 +4,7 @@
 
     python -m eval.run --run RUN_DIR [--split test] [--shards DIR] [--threshold val|0.5|FLOAT]
         [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
+        [--allow-other-shards]
 
 Multi-GPU / multi-process (each sample is predicted on one rank and counted exactly once):
 
@@ -18,6 +19,10 @@ roc_curve.png, pr_curve.png (and val_predictions.csv when the threshold is chose
 `--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
 model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
 unchanged to the requested split; the test set is never used to pick it.
+Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
+unless `--allow-other-shards`; every report counts its samples that were in the model's training split
+(`provenance.data.in_training_split`, matched by content: see eval/provenance.py) and report.md opens with a
+warning when that is not 0.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import nn
 from eval import metrics as M
 from eval import report as R
 from eval.predict import TTA_DESCRIPTION, predict
+from eval.provenance import check_training_overlap, flag_report, other_shards_problem
 from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
 from pipelines.spec import PreprocessSpec
@@ -69,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--wandb", choices=("true", "false"), help="log a W&B eval run (default: the run's log.wandb)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval-<split>)")
+    parser.add_argument("--allow-other-shards", action="store_true",
+                        help="evaluate shards other than the model's training shards (manifest sha256 differs); "
+                             "the report counts evaluated samples that were in the training split")
     args = parser.parse_args(argv)
     if args.threshold != "val":
         try:
@@ -166,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, meta, model = load_trained(run_dir)
     shards = args.shards or Path(cfg.data.shards)
     manifest = load_manifest(shards)
+    problem = other_shards_problem(meta, shards, run_dir, args.allow_other_shards)
+    if problem:
+        raise EvalError(problem)
     for split in {args.split, cfg.data.val_split} if args.threshold == "val" else {args.split}:
         if split not in manifest["splits"]:
             raise EvalError(f"split {split!r} is not in {shards / 'manifest.json'} "
@@ -197,13 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     threshold, threshold_info = choose_threshold(args, val_predictions)
+    data_check = check_training_overlap(meta, run_dir / "best", shards, manifest,
+                                        [args.split] + ([cfg.data.val_split] if val_predictions else []),
+                                        args.allow_other_shards)
     metadata = R.load_sample_metadata(shards, args.split, manifest)
     report = R.build_report(
         keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
         metadata=metadata, n_resamples=args.bootstrap, seed=args.seed, tta_probs=tta_probs,
-        tta_description=TTA_DESCRIPTION, provenance=provenance(args, run_dir, shards, cfg, meta, loader, accelerator))
+        tta_description=TTA_DESCRIPTION,
+        provenance={**provenance(args, run_dir, shards, cfg, meta, loader, accelerator), "data": data_check})
     out_dir = args.out or run_dir / f"eval-{args.split}"
     paths = R.write_report(out_dir, report, keys, labels, probs, metadata, tta_probs=tta_probs)
+    flag_report(paths["report.md"], data_check)
     if val_predictions is not None and args.split != cfg.data.val_split:
         val_keys, val_probs, val_labels, _ = val_predictions
         R.write_predictions_csv(out_dir / "val_predictions.csv", val_keys, val_labels, val_probs, threshold,
@@ -220,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"W&B eval run: {wandb_dir}")
     print(paths["report.md"].read_text())
     print(f"evaluation written to {out_dir}")
+    if data_check["warning"]:
+        print(f"warning: {data_check['warning']}", file=sys.stderr)
     return 0
 
 

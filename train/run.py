@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from eval.provenance import TRAIN_SAMPLES, TrainingData, record_training_data
 from pipelines.loaders import build_loader
 from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
@@ -156,11 +157,19 @@ def build_training(cfg: Config, accelerator: Accelerator, manifest: dict):
     return model, optimizer, loss_fn
 
 
-def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dict, manifest_path: Path) -> dict:
+def record_data(cfg: Config, accelerator: Accelerator, manifest: dict) -> TrainingData | None:
+    """The manifest hash and the train/val keys and contents the best model is exported with (main process
+    only: it reads every JPEG of both splits once), so evaluation can tell when the shards changed."""
+    if not accelerator.is_main_process:
+        return None
+    return record_training_data(cfg.data.shards, manifest, cfg.data.train_split, cfg.data.val_split)
+
+
+def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dict, data: TrainingData) -> dict:
     return {
         "epoch": state.epoch, "step": state.step, "arch": cfg.model.arch, "in_channels": cfg.data.channels,
         "spec": asdict(spec), "labels": list(LABELS), "shards": str(cfg.data.shards),
-        "manifest": str(manifest_path),
+        "manifest": data.meta["manifest"], "data": data.meta,
         "val_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
 
@@ -173,7 +182,7 @@ def loader_builds(train_loader, val_loader) -> dict:
 
 
 def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-        manifest_path: Path) -> None:
+        data: TrainingData | None) -> None:
     run_dir = Path(cfg.run.dir)
     lr_for_step = partial(lr_at, total_steps=derived.total_steps, warmup_steps=derived.warmup_steps,
                           base_lr=cfg.optim.lr, schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -205,7 +214,8 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
             if accelerator.is_main_process:
                 # Without keep_torch_compile=False a compiled model exports `_orig_mod.*` keys.
                 export_best(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, run_dir,
-                            {"meta.json": best_meta(cfg, spec, state, val_metrics, manifest_path)})
+                            {"meta.json": best_meta(cfg, spec, state, val_metrics, data),
+                             TRAIN_SAMPLES: data.train_samples})
         else:
             state.epochs_since_best += 1
         logger.log({**train_metrics, **val_metrics, "val/best_auroc": state.best_auroc,
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_spec(cfg.data, manifest)
     train_loader, val_loader = build_loaders(cfg, spec, accelerator)
     derived = derive(cfg, accelerator, train_loader)
+    data = record_data(cfg, accelerator, manifest)
     accelerator.print(f"loader: {derived.loader} ({derived.loader_reason}); device {derived.device}, "
                       f"{derived.world_size} process(es), {torch.get_num_threads()} torch thread(s), "
                       f"mixed precision {derived.mixed_precision}, "
@@ -249,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
                            resumed_step=state.step)
     try:
         fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-            Path(cfg.data.shards) / "manifest.json")
+            data)
         logger.summary({
             "best_val_auroc": state.best_auroc, "best_epoch": state.best_epoch, "epochs": state.epoch,
             "steps": state.step, "wall_time_s": state.wall_time_s,
             "train_time_s": state.train_time_s,
             "images_per_sec": state.images_seen / state.train_time_s if state.train_time_s else None,
             "resumed_from": str(resumed.path) if resumed else None, **asdict(derived),
-            **loader_builds(train_loader, val_loader),
+            **loader_builds(train_loader, val_loader), **(data.summary() if data else {}),
         })
     finally:
         logger.close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from PIL import Image
 
 from eval import metrics as M
 from eval import report as R
+from pipelines.make_shards import make_shards
 from pipelines.manifest import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -60,6 +64,10 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
     assert set(report["subtypes"]) <= {"bacteria", "virus"} and report["subtypes"]
     assert report["provenance"]["sha256"]["model"] == sha256_file(smoke_run / "best" / "model.safetensors")
     assert report["provenance"]["sha256"]["manifest"] == sha256_file(Path(report["provenance"]["shards"]) / "manifest.json")
+    # The model's own shards: no evaluated sample (test, nor val for the threshold) was a training sample.
+    data = report["provenance"]["data"]
+    assert data["same_shards"] and data["valid"] and data["in_training_split"] == {"test": 0, "val": 0}
+    assert "WARNING" not in (out / "report.md").read_text()
 
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
         with Image.open(out / name) as image:
@@ -150,3 +158,66 @@ def test_val_threshold_needs_both_classes_in_val():
     both = (["val-0", "val-1", "val-2"], np.array([0.2, 0.7, 0.9]), np.array([0, 1, 1]), None)
     value, info = choose_threshold(Namespace(threshold="val", target_sensitivity=1.0), both)
     assert value == 0.7 and info["method"] == "sensitivity" and info["validation"]["recall"] == 1.0
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    return line
+
+
+def stored_jpegs(shards: Path, split: str) -> dict[str, tuple[bytes, dict]]:
+    """key -> (stored JPEG bytes, sample json), straight from the tars (no project reader)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    samples: dict[str, dict] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shards / shard["tar"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {key: (parts["jpg"], json.loads(parts["json"])) for key, parts in samples.items()}
+
+
+def rebuild_with_another_seed(shards: Path, tmp: Path) -> Path:
+    """The same images re-sharded with another seed: train and val pooled and val carved anew by patient."""
+    src = tmp / "src" / "chest_xray"
+    for split, target in (("train", "train"), ("val", "train"), ("test", "test")):
+        for jpeg, meta in stored_jpegs(shards, split).values():
+            path = src / target / meta["label_name"] / Path(meta["source"]).name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg)
+    out = tmp / "rebuilt"
+    make_shards(src, out, seed=7, carve_val=True, min_shards=2, progress=False)
+    return out
+
+
+def test_other_shards_are_refused_then_counted_by_content(smoke_run, tiny_shards, tmp_path):
+    meta = json.loads((smoke_run / "best" / "meta.json").read_text())
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert meta["data"]["manifest_sha256"] == summary["manifest_sha256"] == sha256_file(tiny_shards / "manifest.json")
+    for split in ("train", "val"):
+        keys = "\n".join(sorted(stored_jpegs(tiny_shards, split))).encode()
+        assert meta["data"]["splits"][split]["keys_sha256"] == summary[f"{split}_keys_sha256"] == hashlib.sha256(keys).hexdigest()
+    rebuilt = rebuild_with_another_seed(tiny_shards, tmp_path)
+    trained = {hashlib.sha256(jpeg).hexdigest() for jpeg, _ in stored_jpegs(tiny_shards, "train").values()}
+    rebuilt_val = stored_jpegs(rebuilt, "val")
+    leaked = sum(hashlib.sha256(jpeg).hexdigest() in trained for jpeg, _ in rebuilt_val.values())
+    assert leaked > 0, "the rebuild should carve some training images into val"
+    assert not set(rebuilt_val) & set(stored_jpegs(tiny_shards, "train"))  # comparing keys would find none
+
+    args = ("--shards", str(rebuilt), "--split", "val", "--threshold", "0.5", "--wandb", "false", "--bootstrap", "20")
+    refused = run_eval(smoke_run, *args, "--out", str(tmp_path / "refused"), tmp=tmp_path)
+    line = one_error_line(refused)
+    assert str(rebuilt / "manifest.json") in line and "--allow-other-shards" in line
+    assert not (tmp_path / "refused").exists()
+
+    allowed = run_eval(smoke_run, *args, "--allow-other-shards", "--out", str(tmp_path / "other"), tmp=tmp_path)
+    assert allowed.returncode == 0, allowed.stdout[-3000:] + allowed.stderr[-3000:]
+    data = json.loads((tmp_path / "other" / "report.json").read_text())["provenance"]["data"]
+    assert not data["same_shards"] and data["allow_other_shards"]
+    assert data["in_training_split"] == {"val": leaked} and not data["valid"]
+    markdown = (tmp_path / "other" / "report.md").read_text()
+    assert markdown.startswith("> **WARNING") and f"{leaked} val sample(s)" in markdown.splitlines()[0]
+    assert "NOT A VALID EVALUATION" in allowed.stdout and "NOT A VALID EVALUATION" in allowed.stderr
+
