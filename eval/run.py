@@ -49,6 +49,7 @@ from train.launch import build_accelerator, input_dtype
 from train.model import build_model
 
 BEST_FILES = ("model.safetensors", "config.yaml", "meta.json")
+DAMAGED_BEST_FIX = "copy the run's best/ folder again from where it came from, or retrain the run"
 
 
 class EvalError(ValueError):
@@ -106,10 +107,16 @@ def load_trained(run_dir: Path) -> tuple[Config, dict, nn.Module]:
             f"train/run.py --config train/configs/<recipe>.yaml --run.dir={run_dir}` (best/ is written after the "
             "first validated epoch)")
     cfg = read_config(best / "config.yaml")
-    meta = json.loads((best / "meta.json").read_text())
+    try:
+        meta = json.loads((best / "meta.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{best / 'meta.json'} is damaged ({exc}); {DAMAGED_BEST_FIX}") from exc
     # Weights come from the run; a pretrained path in the config would only matter (and must exist) for init.
     model = build_model(dataclasses.replace(cfg.model, pretrained="", compile=False), cfg.data.channels)
-    state = load_file(str(best / "model.safetensors"))
+    try:
+        state = load_file(str(best / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise EvalError(f"{best / 'model.safetensors'} is damaged ({exc}); {DAMAGED_BEST_FIX}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -118,12 +125,18 @@ def load_trained(run_dir: Path) -> tuple[Config, dict, nn.Module]:
     return cfg, meta, model
 
 
-def preprocess_spec(meta: dict, cfg: Config, manifest: dict) -> PreprocessSpec:
+def preprocess_spec(meta: dict, cfg: Config, manifest: dict, shards: Path | None = None) -> PreprocessSpec:
     """The exact spec training validated with (normalisation from the *training* shards), from meta.json."""
     if "spec" in meta:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()}
         return PreprocessSpec(**values)
-    return PreprocessSpec.from_config(cfg.data, manifest)
+    try:
+        return PreprocessSpec.from_config(cfg.data, manifest)
+    except ValueError as exc:  # a manifest with `stats: null` (or without mean/std)
+        where = shards / "manifest.json" if shards else "the shards' manifest.json"
+        raise EvalError(f"{where}: key 'stats' is {manifest.get('stats')!r}, not the training split's pixel mean/std, "
+                        "and best/meta.json has no 'spec' to take them from; evaluate on the shards the model was "
+                        "trained on, or rebuild these with scripts/make_shards.py") from exc
 
 
 def choose_threshold(args, val_predictions) -> tuple[float, dict]:
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(accelerator.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spec = preprocess_spec(meta, cfg, manifest)
+    spec = preprocess_spec(meta, cfg, manifest, shards)
 
     def loader_for(split: str):
         # Sharded by global rank; the loader pads so every rank has batches, gather_predictions de-duplicates.

@@ -26,9 +26,9 @@ from accelerate.utils import set_seed
 
 from eval.provenance import TRAIN_SAMPLES, TrainingData, record_training_data
 from pipelines.loaders import build_loader
-from pipelines.manifest import LABELS, ShardsError, load_manifest
+from pipelines.manifest import FIX_HINT, LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
-from train.checkpoint import CheckpointError, TrainState, export_best, save_checkpoint, try_resume
+from train.checkpoint import CheckpointError, TrainState, epoch_dirs, export_best, save_checkpoint, try_resume
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype
 from train.loop import evaluate, train_one_epoch
@@ -89,9 +89,17 @@ def configure_cpu_threads(cfg: Config, accelerator: Accelerator) -> None:
     torch.set_num_threads(max(1, cores - cfg.data.num_workers))
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    """A checkpoint or an exported best model: what a launch that failed before its first epoch never leaves
+    (its config.yaml, metrics.jsonl and W&B id are replaced by the next fresh start)."""
+    return bool(epoch_dirs(run_dir)) or (run_dir / "best").exists()
+
+
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     run_dir = Path(cfg.run.dir)
-    if cfg.train.resume == "never" and any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir {run_dir} is a file, not a folder: choose another --run.dir or move the file away")
+    if cfg.train.resume == "never" and holds_a_run(run_dir):
         # Starting over on top of another run would mix two runs' metrics, checkpoints and W&B history.
         raise ConfigError(f"run.dir {run_dir} already holds a run and train.resume=never: choose a new --run.dir, "
                           "delete that folder, or resume it with --train.resume=auto")
@@ -103,7 +111,12 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def build_spec(data: DataConfig, manifest: dict) -> PreprocessSpec:
-    return PreprocessSpec.from_config(data, manifest)
+    try:
+        return PreprocessSpec.from_config(data, manifest)
+    except ValueError as exc:  # `stats: null` (or no mean/std): normalisation has nothing to come from
+        path = Path(data.shards) / "manifest.json"
+        raise ShardsError(f"{path}: key 'stats' is {manifest.get('stats')!r}, not the training split's pixel "
+                          f"mean/std; rebuild the shards: {FIX_HINT.format(dir=data.shards)}") from exc
 
 
 def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
@@ -257,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"resumed from {resumed.path} at epoch {state.epoch}, step {state.step}"
                           f"{'' if resumed.loader_state is not None else ' (no loader state: data order starts afresh)'}")
     logger = MetricsLogger(accelerator, cfg.log, run_dir, {**config_to_dict(cfg), "derived": asdict(derived)},
-                           resumed_step=state.step)
+                           resumed_step=state.step if resumed else None)
     try:
         fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
             data)

@@ -221,3 +221,32 @@ def test_other_shards_are_refused_then_counted_by_content(smoke_run, tiny_shards
     assert markdown.startswith("> **WARNING") and f"{leaked} val sample(s)" in markdown.splitlines()[0]
     assert "NOT A VALID EVALUATION" in allowed.stdout and "NOT A VALID EVALUATION" in allowed.stderr
 
+
+def test_damaged_best_model_is_a_clear_error(smoke_run, tiny_shards, tmp_path):
+    run_dir = tmp_path / "copied"
+    shutil.copytree(smoke_run / "best", run_dir / "best")
+    weights = run_dir / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = one_error_line(run_eval(run_dir, "--shards", str(tiny_shards), "--wandb", "false", tmp=tmp_path))
+    assert str(weights) in line and "damaged" in line
+
+
+def test_manifest_with_null_stats(smoke_run, tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "stats": None}))
+    args = ("--shards", str(shards), "--allow-other-shards", "--threshold", "0.5", "--wandb", "false",
+            "--bootstrap", "20")
+    # Evaluation normalises with the training shards' stats, kept in best/meta.json: these shards' are not needed.
+    ok = run_eval(smoke_run, *args, "--out", str(tmp_path / "ok"), tmp=tmp_path)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    data = json.loads((tmp_path / "ok" / "report.json").read_text())["provenance"]["data"]
+    assert data["valid"] and not data["same_shards"]
+    # A best/ without that spec has nowhere to take the normalisation from.
+    old = tmp_path / "old"
+    shutil.copytree(smoke_run / "best", old / "best")
+    meta = json.loads((old / "best" / "meta.json").read_text())
+    (old / "best" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "spec"}))
+    line = one_error_line(run_eval(old, *args, tmp=tmp_path))
+    assert str(shards / "manifest.json") in line and "'stats'" in line
