@@ -59,7 +59,7 @@ class DamagedCheckpoint(ValueError):
 
 @dataclass
 class TrainState:
-    """Loop counters saved with every checkpoint (as JSON)."""
+    """Loop counters saved with every checkpoint (as JSON), and the shards they count over."""
 
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
@@ -69,6 +69,7 @@ class TrainState:
     epochs_since_best: int = 0
     train_time_s: float = 0.0
     images_seen: int = 0  # global, all ranks
+    manifest_sha256: str = ""  # of the shards this run trains on: a resumed run must not switch data silently
 
 
 @dataclass(frozen=True)
@@ -311,8 +312,9 @@ def _parse_counters(values: dict) -> tuple[dict, dict | None]:
     if not isinstance(counters, dict) or set(counters) != names:
         raise DamagedCheckpoint(f"{STATE_FILE} does not hold the training counters {sorted(names)}")
     for name, value in counters.items():
-        if not (value is None and name == "best_auroc") and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise DamagedCheckpoint(f"{STATE_FILE}: train_state.{name} is {value!r}, not a number")
+        expected = str if name == "manifest_sha256" else int | float
+        if not (value is None and name == "best_auroc") and (isinstance(value, bool) or not isinstance(value, expected)):
+            raise DamagedCheckpoint(f"{STATE_FILE}: train_state.{name} is {value!r}, not a {expected}")
     counters = {**counters, "best_auroc": float("-inf") if counters["best_auroc"] is None else counters["best_auroc"]}
     return counters, values.get("grad_scaler")
 

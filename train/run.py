@@ -26,9 +26,17 @@ from accelerate.utils import set_seed
 
 from eval.provenance import TRAIN_SAMPLES, TrainingData, record_training_data
 from pipelines.loaders import build_loader
-from pipelines.manifest import FIX_HINT, LABELS, ShardsError, load_manifest
+from pipelines.manifest import FIX_HINT, LABELS, MANIFEST_NAME, ShardsError, load_manifest, sha256_file
 from pipelines.spec import PreprocessSpec
-from train.checkpoint import CheckpointError, TrainState, epoch_dirs, export_best, save_checkpoint, try_resume
+from train.checkpoint import (
+    CheckpointError,
+    Resumed,
+    TrainState,
+    epoch_dirs,
+    export_best,
+    save_checkpoint,
+    try_resume,
+)
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype
 from train.loop import evaluate, train_one_epoch
@@ -187,6 +195,19 @@ def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dic
     }
 
 
+def resume(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, state: TrainState) -> Resumed | None:
+    """`try_resume`, refusing a checkpoint trained on other shards than `data.shards` holds now (the model's
+    record of its training data would be wrong, and evaluation's training-overlap check with it)."""
+    manifest_sha256 = state.manifest_sha256
+    resumed = try_resume(accelerator, run_dir, cfg.train.resume, model, optimizer, state)
+    if resumed is not None and state.manifest_sha256 != manifest_sha256:
+        raise CheckpointError(
+            f"{resumed.path} was trained on shards whose manifest sha256 is {state.manifest_sha256[:12]}, but "
+            f"{Path(cfg.data.shards) / MANIFEST_NAME} is now {manifest_sha256[:12]}: resume with the shards the run "
+            "started on, or train on these in a new --run.dir")
+    return resumed
+
+
 def loader_builds(train_loader, val_loader) -> dict:
     """Pipelines built and the seconds that took (DALI); one each per launch, not one per epoch."""
     return {f"{name}_loader_{what}": getattr(loader, attr) for name, loader in (("train", train_loader),
@@ -262,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"mixed precision {derived.mixed_precision}, "
                       f"global batch {derived.global_batch_size}, {derived.steps_per_epoch} steps/epoch")
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
-    state = TrainState()
-    resumed = try_resume(accelerator, run_dir, cfg.train.resume, model, optimizer, state)
+    state = TrainState(manifest_sha256=sha256_file(Path(cfg.data.shards) / MANIFEST_NAME))
+    resumed = resume(cfg, accelerator, run_dir, model, optimizer, state)
     if resumed is not None:
         if resumed.loader_state is not None:
             train_loader.load_state(resumed.loader_state)

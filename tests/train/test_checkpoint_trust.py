@@ -111,3 +111,18 @@ def test_resume_from_a_path_without_a_loadable_checkpoint_is_one_line(trained, t
         assert "Traceback" not in result.stderr
         (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
         assert str(path) in line and "train.resume" in line
+
+
+def test_resume_on_rebuilt_shards_is_refused(trained, tiny_shards, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["per_class"] = dict(reversed(manifest["splits"]["train"]["per_class"].items()))
+    (shards / "manifest.json").write_text(json.dumps(manifest))  # same data, another manifest: another hash
+    result = subprocess.run(train_cmd(shards, run_dir, "--train.epochs=3", "--log.wandb=false"), cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=train_env(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert str(shards / "manifest.json") in line and "--run.dir" in line
+    assert not (run_dir / "checkpoints" / "epoch-0003").exists()
