@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shard_truth import split_labels
 
 from pipelines.dali import DaliLoader
 from pipelines.manifest import ShardsError
 from pipelines.plan import resolve_split
 from pipelines.spec import PreprocessSpec
-from tests.pipelines._shard_truth import split_labels
 
 SIZE = 32
 

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _shard_truth import split_labels
 
 from pipelines.loaders import build_loader
 from pipelines.manifest import ShardsError
 from pipelines.spec import PreprocessSpec
-from tests.pipelines._shard_truth import split_labels
 
 REPO = Path(__file__).resolve().parents[2]
 

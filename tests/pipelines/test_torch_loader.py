@@ -1,12 +1,12 @@
 """Torch fallback: same contract as DALI, and the same evaluation batches."""
 
 import torch
+from _shard_truth import split_labels
 
 from pipelines.dali import DaliLoader
 from pipelines.plan import resolve_split
 from pipelines.spec import PreprocessSpec
 from pipelines.torch_loader import TorchLoader
-from tests.pipelines._shard_truth import split_labels
 
 SIZE = 32
 

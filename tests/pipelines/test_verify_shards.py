@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from pipelines.manifest import ShardsError, load_manifest, read_index, sha256_file, verify_shards
-from tests.conftest import REPO
 
 
 @pytest.fixture
