@@ -6,7 +6,7 @@
 
 `--src` takes the folder that contains `chest_xray/` or `chest_xray/` itself. Exit status: 0 on success,
 1 with `--strict` when any input was rejected, 2 for unusable input/output paths or a failed `--verify`.
-The stages and the choice of defaults are described in `pipelines/make_shards.py`.
+The stages and the choice of defaults are described in `pipelines/make_shards/__init__.py`.
 """
 
 from __future__ import annotations

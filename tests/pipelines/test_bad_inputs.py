@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from pipelines.make_shards import Rejected, convert_image, make_shards
+from pipelines.make_shards import make_shards
+from pipelines.make_shards.convert import Rejected, convert_image
 from pipelines.manifest import load_manifest, verify_shards
-from tests.conftest import REPO
 
 GOOD = "chest_xray/train/NORMAL"
 SICK = "chest_xray/train/PNEUMONIA"

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ORIGINALS_SAMPLE, REPO, TRAIN_224, require_dir
 from PIL import Image
 
 import pipelines.make_shards as ms
-from pipelines.make_shards import make_shards, remove_duplicates, scan_source
+from pipelines.make_shards import make_shards
+from pipelines.make_shards.convert import hash_task
+from pipelines.make_shards.scan import scan_source
+from pipelines.make_shards.split import remove_duplicates
 from pipelines.manifest import ShardsError, load_manifest, verify_shards
-from tests.conftest import ORIGINALS_SAMPLE, REPO, TRAIN_224, require_dir
 
 
 def xray_jpeg(seed: int, size=(72, 60), mode="L", quality=92) -> bytes:
@@ -206,7 +209,7 @@ def test_duplicates_found_in_kermany_train_224():
     src = require_dir(TRAIN_224)
     _, entries, _ = scan_source(src)
     assert len(entries) == 5216
-    hashes = [ms._hash_task(entry)[0] for entry in entries]
+    hashes = [hash_task(entry)[0] for entry in entries]
     kept, duplicates = remove_duplicates(entries, hashes)
     assert duplicates, "the Kermany train split is known to contain byte-identical duplicates"
     assert len(kept) + sum(len(d["removed"]) for d in duplicates) == len(entries)
@@ -260,7 +263,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ms, "_write_split_shards", interrupted)
+    monkeypatch.setattr(ms.write, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_shards(None, out, synthetic=60, synthetic_size=48, min_shards=1, seed=3, overwrite=True, progress=False)
     assert load_manifest(out) == before, "a failed --overwrite run must leave the previous output intact"
