@@ -19,7 +19,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
-from pipelines.plan import RankedLoader, SplitShards, rank_range, sample_key
+from pipelines.plan import RankedLoader, SplitShards, rank_range
+from pipelines.shards import sample_key
 from pipelines.spec import PreprocessSpec
 
 _DALI_FLOAT = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}

@@ -26,8 +26,9 @@ from pipelines.make_shards import (  # noqa: E402 - after the path fix so a plai
     format_summary,
     make_shards,
 )
-from pipelines.manifest import ShardsError, verify_shards  # noqa: E402
+from pipelines.manifest import ShardsError  # noqa: E402
 from pipelines.synthetic import DEFAULT_SYNTHETIC_SIZE  # noqa: E402
+from pipelines.verify import verify_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.manifest import ShardsError, verify_shards  # noqa: E402 - after the path fix
+from pipelines.manifest import ShardsError  # noqa: E402 - after the path fix
+from pipelines.verify import verify_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

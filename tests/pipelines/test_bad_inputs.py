@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipelines.make_shards import make_shards
 from pipelines.make_shards.convert import Rejected, convert_image
-from pipelines.manifest import load_manifest, verify_shards
+from pipelines.manifest import load_manifest
+from pipelines.verify import verify_shards
 
 GOOD = "chest_xray/train/NORMAL"
 SICK = "chest_xray/train/PNEUMONIA"

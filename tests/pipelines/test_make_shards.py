@@ -20,7 +20,8 @@ from pipelines.make_shards import make_shards
 from pipelines.make_shards.convert import hash_task
 from pipelines.make_shards.scan import scan_source
 from pipelines.make_shards.split import remove_duplicates
-from pipelines.manifest import ShardsError, load_manifest, verify_shards
+from pipelines.manifest import ShardsError, load_manifest
+from pipelines.verify import verify_shards
 
 
 def xray_jpeg(seed: int, size=(72, 60), mode="L", quality=92) -> bytes:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from pipelines.manifest import ShardsError, load_manifest, read_index, sha256_file, verify_shards
+from pipelines.manifest import ShardsError, load_manifest, sha256_file
+from pipelines.shards import read_index
+from pipelines.verify import verify_shards
 
 
 @pytest.fixture
@@ -71,7 +73,7 @@ def test_wrong_index_is_caught_by_dali(shards_copy):
     lines[1], lines[2] = second, first  # DALI now returns samples 0 and 1 swapped
     index.write_text("\n".join(lines) + "\n")
     rewrite_manifest(shards_copy, shard["tar"])
-    verify_shards(shards_copy, dali=False)  # webdataset reads the tar itself and sees nothing wrong
+    verify_shards(shards_copy, dali=False)  # reading the tar itself (not the index) sees nothing wrong
     with pytest.raises(ShardsError, match="DALI reads sample 0"):
         verify_shards(shards_copy)
 
