@@ -149,6 +149,19 @@ def test_sample_without_cls_is_an_error_naming_it(tiny_shards, tmp_path):
         list(_loader(copy, "val"))
 
 
+def test_tar_truncated_after_resolving_says_truncated(tiny_shards, tmp_path):
+    """A tar cut short under a running job: DALI's "offset outside the archive" is named as truncation."""
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    loader = _loader(copy, "val")
+    tar = loader.shards.tars[0]
+    with open(tar, "r+b") as handle:
+        handle.truncate(2048)
+    with pytest.raises(ShardsError, match=rf"truncated tar: shard .*{tar.name} is 2048 bytes, its index places "
+                                          rf"sample val-0000000\d beyond"):
+        list(loader)
+
+
 @pytest.mark.gpu
 def test_mixed_decoder_on_gpu_same_contract_and_close_to_cpu(tiny_shards):
     gpu = list(_loader(tiny_shards, "val", device="cuda"))
