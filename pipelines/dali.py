@@ -20,7 +20,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
 from pipelines.plan import RankedLoader, SplitShards, rank_range
-from pipelines.shards import read_index, sample_key, split_key
+from pipelines.shards import parse_label, read_index, sample_key, split_key
 from pipelines.spec import PreprocessSpec
 
 _DALI_FLOAT = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
@@ -191,15 +191,11 @@ class DaliLoader(RankedLoader):
             images, cls, source = pipe.run()
         except RuntimeError as exc:
             raise self._error(exc) from exc
-        keys = [sample_key(bytes(source.at(i)).decode()) for i in range(len(source))]
-        labels = np.empty(len(keys), dtype=np.int64)
-        for i, key in enumerate(keys):
-            text = bytes(cls.at(i)).decode(errors="replace").strip()
-            if not text.isdigit():
-                tar = bytes(source.at(i)).decode().rsplit(":", 2)[0]
-                raise ShardsError(f"sample {key} in {tar} has a bad .cls ({text!r}, expected 0 or 1); "
-                                  f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
-            labels[i] = int(text)
+        sources = [bytes(source.at(i)).decode() for i in range(len(source))]
+        keys = [sample_key(info) for info in sources]
+        labels = np.array([parse_label(bytes(cls.at(i)), key=key, tar=info.rsplit(":", 2)[0],
+                                       shards_dir=self.shards.shards_dir)
+                           for i, (key, info) in enumerate(zip(keys, sources, strict=True))], dtype=np.int64)
         dense = images.as_tensor()
         out = torch.empty(dense.shape(), dtype=self._out_dtype(), device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
 from pipelines.plan import RankedLoader, SplitShards, rank_range, tar_order
+from pipelines.shards import parse_label
 from pipelines.spec import PreprocessSpec
 
 
@@ -140,12 +141,11 @@ class _RankStream(IterableDataset):
             torch.set_rng_state(rng_state)
             for sample in samples:
                 url, key = sample["__url__"], sample["__key__"]
+                label = parse_label(sample["cls"], key=key, tar=url, shards_dir=self.shards.shards_dir)
                 try:
                     with Image.open(io.BytesIO(sample["jpg"])) as image:
                         gray = image.convert("L")
-                    text = sample["cls"].decode().strip()
-                    label = int(text)
-                except (OSError, ValueError, UnicodeDecodeError) as exc:
+                except (OSError, ValueError) as exc:
                     raise ShardsError(f"sample {key} in shard {url} cannot be read ({exc}); "
                                       f"{FIX_HINT.format(dir=self.shards.shards_dir)}") from exc
                 images.append(transform(gray))
