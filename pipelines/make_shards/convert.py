@@ -22,6 +22,9 @@ DEFAULT_MAX_SIDE = 512
 DEFAULT_QUALITY = 90
 # 50 MP is ~7x the largest Kermany original (2,916 x 2,583); anything bigger is a decompression bomb here.
 MAX_PIXELS = 50_000_000
+EXIF_ORIENTATION = 0x0112
+# EXIF orientations 5-8 swap width and height (a 90-degree turn, possibly mirrored).
+TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 
 class Rejected(Exception):
@@ -67,10 +70,13 @@ def _to_gray(image):
 def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int = MAX_PIXELS):
     """Validate and convert one encoded image.
 
-    Returns `(jpeg_bytes, info)` with info `{width, height, mode, format, stored_width, stored_height,
-    passthrough, histogram}`; raises `Rejected` with the reason for anything unusable.
+    Returns `(jpeg_bytes, info)` with info `{width, height, mode, format, orientation, stored_width,
+    stored_height, passthrough, histogram}`; raises `Rejected` with the reason for anything unusable.
+    An EXIF orientation is applied here, once: the stored pixels are upright and carry no orientation tag,
+    because DALI's decoder honours the tag and PIL's does not, so a tagged file would reach the two loaders
+    (and `verify_shards`) rotated differently. `width`/`height` are the file's, before that rotation.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise Rejected("zero-byte file")
@@ -91,7 +97,11 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
         raise Rejected(f"empty image ({width}x{height})")
     scale = max_side / max(width, height) if max_side and max(width, height) > max_side else 1.0
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
-    passthrough = source_format == "JPEG" and source_mode == "L" and scale == 1.0
+    try:
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels are usable, the tag is not (0 below)
+        orientation = 0
+    passthrough = source_format == "JPEG" and source_mode == "L" and scale == 1.0 and orientation == 1
     try:
         if source_format == "JPEG" and scale < 1.0 and source_mode in ("L", "RGB"):
             # DCT-domain downscaling (1/2, 1/4, 1/8) in libjpeg: most of the decode work is skipped.
@@ -99,6 +109,10 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
         image.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError/SyntaxError/ValueError for corrupt data
         raise Rejected(f"corrupt or truncated image data: {exc}") from None
+    if 2 <= orientation <= 8:
+        image = ImageOps.exif_transpose(image)
+        if orientation in TRANSPOSED_ORIENTATIONS:
+            target = target[::-1]
     gray = _to_gray(image)
     if gray.size != target:
         gray = gray.resize(target, Image.Resampling.BILINEAR, reducing_gap=None)
@@ -112,7 +126,7 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
         gray.save(buffer, "JPEG", quality=quality)
         encoded = buffer.getvalue()
     info = {"width": width, "height": height, "mode": source_mode, "format": source_format,
-            "stored_width": target[0], "stored_height": target[1], "passthrough": passthrough,
+            "orientation": orientation, "stored_width": target[0], "stored_height": target[1], "passthrough": passthrough,
             "histogram": gray.histogram()}
     return encoded, info
 

@@ -32,7 +32,7 @@ def sample_meta(key: str, entry: Entry, info: dict) -> dict:
     """The `<key>.json` member: where the image came from and its size before and after conversion."""
     return {"key": key, "source": entry.path, "label": entry.label, "label_name": LABELS[entry.label],
             "patient": entry.patient, "subtype": entry.subtype, "source_split": entry.source_split,
-            "width": info["width"], "height": info["height"], "mode": info["mode"],
+            "width": info["width"], "height": info["height"], "mode": info["mode"], "orientation": info["orientation"],
             "stored_width": info["stored_width"], "stored_height": info["stored_height"]}
 
 
