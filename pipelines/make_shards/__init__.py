@@ -7,7 +7,7 @@ for the options). `make_shards` chains one small module per stage, each returnin
    non-image files and unknown folders go to `skipped`;
 2. `convert.hash_inputs`: hash every image (sha256); unreadable and zero-byte files go to `rejected`;
 3. `split`: byte-identical copies are kept once (train before val before test, then by path) and the rest
-   listed in `duplicates`; official splits are kept, and when the source val split is missing or tiny
+   listed in `duplicates`; copies with different labels are `label_conflicts` (none kept by default); official splits are kept, and when the source val split is missing or tiny
    (Kaggle's has 16 images) it is merged into train and a val split is carved from train **by patient**,
    per class; each split is put in a seeded shuffled order;
 4. `convert.convert_all`, in parallel: decode and validate, 8-bit single channel, longer side <= `max_side`
@@ -61,24 +61,30 @@ class _Laps:
 
 
 def _check_options(src, synthetic: int, max_side: int, quality: int, shard_mb: float, min_shards: int,
-                   val_fraction: float) -> None:
+                   val_fraction: float, on_label_conflict: str) -> None:
     if (src is None) == (not synthetic):
         raise ShardsError("give exactly one of --src PATH (Kaggle chest_xray layout) or --synthetic N")
     if max_side < 0 or not 1 <= quality <= 100 or shard_mb <= 0 or min_shards < 1 or not 0 <= val_fraction < 1:
         raise ShardsError(f"invalid options: max_side={max_side} (>= 0), quality={quality} (1-100), "
                           f"shard_mb={shard_mb} (> 0), min_shards={min_shards} (>= 1), val_fraction={val_fraction} "
                           f"([0, 1))")
+    if on_label_conflict not in split.LABEL_CONFLICT_CHOICES:
+        raise ShardsError(f"invalid option: on_label_conflict={on_label_conflict!r}, expected one of "
+                          f"{', '.join(split.LABEL_CONFLICT_CHOICES)}")
 
 
 def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_size: int = DEFAULT_SYNTHETIC_SIZE,
                 max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY, shard_mb: float = DEFAULT_SHARD_MB,
                 min_shards: int = DEFAULT_MIN_SHARDS, val_fraction: float = 0.1, carve_val: bool | None = None,
-                seed: int = 0, workers: int = 1, overwrite: bool = False, strict: bool = False,
-                progress: bool = True, command: list[str] | None = None, timings: dict | None = None) -> dict:
+                seed: int = 0, on_label_conflict: str = "drop", workers: int = 1, overwrite: bool = False,
+                strict: bool = False, progress: bool = True, command: list[str] | None = None,
+                timings: dict | None = None) -> dict:
     """Convert `src` (Kaggle layout) or `synthetic` generated images into shards under `out`; return the manifest.
 
     `carve_val`: None carves val from train by patient when the source val split is missing or has fewer
-    than 100 images; True always does; False never does. Raises `ShardsError` for unusable input or
+    than 100 images; True always does; False never does. `on_label_conflict`: byte-identical images with
+    different labels are listed in `label_conflicts` and none of them is kept ("drop"), or the copy the
+    duplicate rule keeps is ("keep-first"). Raises `ShardsError` for unusable input or
     output paths, and with `strict` when any input was rejected (nothing is written then). `timings`, when
     given, is filled with wall seconds per stage (`scan`, `hash`, `convert`, `write`, `total`); they are kept
     out of the manifest so reruns stay byte-identical.
@@ -87,18 +93,19 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
     out = Path(out)
     options = {"synthetic": synthetic, "synthetic_size": synthetic_size if synthetic else None, "max_side": max_side,
                "quality": quality, "shard_mb": shard_mb, "min_shards": min_shards, "val_fraction": val_fraction,
-               "carve_val": carve_val, "seed": seed, "workers": workers, "overwrite": overwrite, "strict": strict}
-    _check_options(src, synthetic, max_side, quality, shard_mb, min_shards, val_fraction)
+               "carve_val": carve_val, "seed": seed, "on_label_conflict": on_label_conflict, "workers": workers, "overwrite": overwrite, "strict": strict}
+    _check_options(src, synthetic, max_side, quality, shard_mb, min_shards, val_fraction, on_label_conflict)
     inputs = scan(src, synthetic=synthetic, seed=seed)
     tmp = output.prepare_out(out, overwrite)
     laps.lap("scan")
     pool = None
     try:
         pool = convert.start_pool(workers)
-        entries, rejected, duplicates = inputs.entries, [], []
+        entries, rejected, duplicates, conflicts = inputs.entries, [], [], []
         if not synthetic:
             readable, hashes, rejected = convert.hash_inputs(entries, pool, workers, progress)
-            entries, duplicates = split.remove_duplicates(readable, hashes)
+            entries, duplicates, conflicts = split.remove_duplicates(readable, hashes,
+                                                                     on_label_conflict=on_label_conflict)
             entries = split.assign_splits(entries, carve_val=carve_val, val_fraction=val_fraction, seed=seed)
         laps.lap("hash")
         converted = convert.convert_all(split.shuffled(entries, seed), tmp, max_side=max_side, quality=quality,
@@ -117,7 +124,7 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
             source=inputs.source, num_inputs=len(inputs.entries) + len(inputs.skipped),
             members={s: [e for e, _, _, _ in accepted] for s, accepted in converted.accepted.items()},
             shards=shards, histograms=converted.histograms, passthrough=converted.passthrough, rejected=rejected,
-            skipped=inputs.skipped, duplicates=duplicates)
+            skipped=inputs.skipped, duplicates=duplicates, label_conflicts=conflicts)
         for spool in converted.spools.values():
             spool.unlink()
         # The manifest goes last: a folder with a manifest.json is a complete one.

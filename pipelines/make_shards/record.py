@@ -55,15 +55,17 @@ def pixel_stats(histograms: dict[str, np.ndarray]) -> dict | None:
 
 def build_manifest(*, command: list[str], options: dict, source: str, num_inputs: int,
                    members: dict[str, list[Entry]], shards: dict[str, list[dict]], histograms: dict[str, np.ndarray],
-                   passthrough: int, rejected: list[dict], skipped: list[dict], duplicates: list[dict]) -> dict:
+                   passthrough: int, rejected: list[dict], skipped: list[dict], duplicates: list[dict],
+                   label_conflicts: list[dict]) -> dict:
     """The manifest; raises `AssertionError` if an input is not accounted for exactly once."""
     split_info = {split: split_record(members[split], shards[split]) for split in members}
     rejected = sorted(rejected, key=lambda r: r["path"])
     removed = sum(len(d["removed"]) for d in duplicates)
+    conflicting = sum(len(c["files"]) - (c["kept"] is not None) for c in label_conflicts)
     sharded = sum(info["samples"] for info in split_info.values())
-    if sharded + len(rejected) + len(skipped) + removed != num_inputs:
+    if sharded + len(rejected) + len(skipped) + removed + conflicting != num_inputs:
         raise AssertionError(f"accounting bug: {sharded} sharded + {len(rejected)} rejected + {len(skipped)} "
-                             f"skipped + {removed} duplicates != {num_inputs} inputs")
+                             f"skipped + {removed} duplicates + {conflicting} label conflicts != {num_inputs} inputs")
     return {
         "version": MANIFEST_VERSION,
         "labels": list(LABELS),
@@ -73,11 +75,12 @@ def build_manifest(*, command: list[str], options: dict, source: str, num_inputs
         "splits": split_info,
         "stats": pixel_stats(histograms),
         "inputs": {"files": num_inputs, "sharded": sharded, "rejected": len(rejected), "skipped": len(skipped),
-                   "duplicates_removed": removed, "passthrough": passthrough},
+                   "duplicates_removed": removed, "label_conflicts_removed": conflicting, "passthrough": passthrough},
         "patient_overlap": patient_overlap([e for split in members.values() for e in split]),
         "rejected": rejected,
         "skipped": skipped,
         "duplicates": duplicates,
+        "label_conflicts": label_conflicts,
     }
 
 
@@ -91,11 +94,17 @@ def format_summary(manifest: dict, out: Path | str) -> str:
     counts = manifest["inputs"]
     lines.append(f"  inputs {counts['files']}: sharded {counts['sharded']} ({counts['passthrough']} passed through), "
                  f"rejected {counts['rejected']}, skipped {counts['skipped']}, duplicates removed "
-                 f"{counts['duplicates_removed']}")
+                 f"{counts['duplicates_removed']}, label conflicts removed {counts['label_conflicts_removed']}")
     for record in manifest["rejected"][:10]:
         lines.append(f"    rejected {record['path']}: {record['reason']}")
     if len(manifest["rejected"]) > 10:
         lines.append(f"    ... {len(manifest['rejected']) - 10} more in manifest.json")
+    for conflict in manifest["label_conflicts"][:10]:
+        files = ", ".join(f"{f['path']} ({f['label']})" for f in conflict["files"])
+        lines.append(f"    label conflict, identical bytes: {files}; "
+                     f"{'kept ' + conflict['kept'] if conflict['kept'] else 'none kept'}")
+    if len(manifest["label_conflicts"]) > 10:
+        lines.append(f"    ... {len(manifest['label_conflicts']) - 10} more label conflicts in manifest.json")
     if manifest["patient_overlap"]:
         lines.append(f"  note: patient ids shared between official splits: {manifest['patient_overlap']}")
     if manifest["stats"]:

@@ -13,26 +13,42 @@ from pipelines.manifest import LABELS, SPLITS
 
 # A source val split smaller than this is not a usable validation set (Kaggle's has 16 images).
 MIN_SOURCE_VAL = 100
+LABEL_CONFLICT_CHOICES = ("drop", "keep-first")
 
 
-def remove_duplicates(entries: list[Entry], hashes: list[str]) -> tuple[list[Entry], list[dict]]:
-    """Keep one copy of each byte-identical group: the earliest split (train, val, test), then path."""
+def remove_duplicates(entries: list[Entry], hashes: list[str], *, on_label_conflict: str = "drop"
+                      ) -> tuple[list[Entry], list[dict], list[dict]]:
+    """Keep one copy of each byte-identical group: the earliest split (train, val, test), then path.
+
+    Returns (kept entries, duplicates, label_conflicts). A group whose copies carry different labels is a
+    label conflict, not a duplicate: nothing says which label is right, so `on_label_conflict="drop"` keeps
+    no copy, and "keep-first" keeps the copy the duplicate rule would keep (with its label).
+    """
+    if on_label_conflict not in LABEL_CONFLICT_CHOICES:
+        raise ValueError(f"on_label_conflict must be one of {LABEL_CONFLICT_CHOICES}, got {on_label_conflict!r}")
     groups: dict[str, list[Entry]] = defaultdict(list)
     for entry, digest in zip(entries, hashes, strict=True):
         groups[digest].append(entry)
     removed_paths = set()
-    duplicates = []
+    duplicates, conflicts = [], []
     for digest, group in sorted(groups.items()):
         if len(group) < 2:
             continue
         group = sorted(group, key=lambda e: (SPLITS.index(e.split), e.path))
         kept, removed = group[0], group[1:]
+        if len({e.label for e in group}) > 1:
+            if on_label_conflict == "drop":
+                kept, removed = None, group
+            conflicts.append({"sha256": digest, "kept": kept.path if kept else None,
+                              "files": [{"path": e.path, "label": LABELS[e.label], "split": e.split} for e in group]})
+        else:
+            duplicates.append({"sha256": digest, "kept": kept.path, "removed": [e.path for e in removed],
+                               "splits": sorted({e.split for e in group}, key=SPLITS.index),
+                               "cross_split": len({e.split for e in group}) > 1})
         removed_paths.update(e.path for e in removed)
-        duplicates.append({"sha256": digest, "kept": kept.path, "removed": [e.path for e in removed],
-                           "splits": sorted({e.split for e in group}, key=SPLITS.index),
-                           "cross_split": len({e.split for e in group}) > 1})
     duplicates.sort(key=lambda d: d["kept"])
-    return [e for e in entries if e.path not in removed_paths], duplicates
+    conflicts.sort(key=lambda c: c["files"][0]["path"])
+    return [e for e in entries if e.path not in removed_paths], duplicates, conflicts
 
 
 def carve_val_by_patient(entries: list[Entry], val_fraction: float, seed: int) -> list[Entry]:

@@ -81,7 +81,8 @@ def assert_accounted(out: Path, root: Path) -> dict:
     manifest = load_manifest(out)
     sharded = [s["source"] for split in read_samples(out).values() for s in split]
     places = (sharded + [r["path"] for r in manifest["rejected"]] + [r["path"] for r in manifest["skipped"]]
-              + [p for d in manifest["duplicates"] for p in d["removed"]])
+              + [p for d in manifest["duplicates"] for p in d["removed"]]
+              + [f["path"] for c in manifest["label_conflicts"] for f in c["files"] if f["path"] != c["kept"]])
     assert len(places) == len(set(places)), "an input is listed twice"
     assert set(places) == input_files(root)
     return manifest
@@ -205,14 +206,47 @@ def test_cross_split_duplicates_removed_from_later_split(tmp_path):
     assert manifest["inputs"]["duplicates_removed"] == 2
 
 
+@pytest.mark.parametrize("policy", ["drop", "keep-first"])
+def test_identical_images_with_different_labels_are_label_conflicts(tmp_path, policy):
+    """Before: the NORMAL copy won silently (path order) and the PNEUMONIA one was listed as a mere duplicate."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=4, images_per_patient=1, val_images=0)
+    normal = src / "chest_xray/train/NORMAL/IM-0002-0001.jpeg"
+    sick = write(src / "chest_xray/train/PNEUMONIA/person77_virus_1.jpeg", normal.read_bytes())
+    same_label = write(src / "chest_xray/test/NORMAL/IM-0099-0001.jpeg", normal.read_bytes())
+    write(src / "chest_xray/test/PNEUMONIA/person99_virus_1.jpeg", xray_jpeg(999))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "scripts/make_shards.py", "--src", str(src), "--out", str(out), "--min-shards", "1",
+         "--val-fraction", "0", "--workers", "1", "--no-progress", "--on-label-conflict", policy],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = assert_accounted(out, src)
+    [conflict] = manifest["label_conflicts"]
+    rel = {p: p.relative_to(src).as_posix() for p in (normal, sick, same_label)}
+    assert conflict["sha256"] == hashlib.sha256(normal.read_bytes()).hexdigest()
+    assert {(f["path"], f["label"]) for f in conflict["files"]} == {
+        (rel[normal], "NORMAL"), (rel[sick], "PNEUMONIA"), (rel[same_label], "NORMAL")}
+    assert not manifest["duplicates"], "a conflicting group is not a duplicate group"
+    sharded = {m["source"] for split in read_samples(out).values() for m in split}
+    if policy == "drop":
+        assert conflict["kept"] is None and not sharded & set(rel.values())
+        assert manifest["inputs"]["label_conflicts_removed"] == 3
+    else:
+        assert conflict["kept"] == rel[normal] and sharded & set(rel.values()) == {rel[normal]}
+        assert manifest["inputs"]["label_conflicts_removed"] == 2
+    assert "label conflicts removed" in result.stdout and f"{rel[sick]} (PNEUMONIA)" in result.stdout
+    assert manifest["args"]["on_label_conflict"] == policy
+
+
 def test_duplicates_found_in_kermany_train_224():
     """Hash-only scan of the real 5,216-image train split: it has byte-identical duplicates."""
     src = require_dir(TRAIN_224)
     _, entries, _ = scan_source(src)
     assert len(entries) == 5216
     hashes = [hash_task(entry)[0] for entry in entries]
-    kept, duplicates = remove_duplicates(entries, hashes)
+    kept, duplicates, conflicts = remove_duplicates(entries, hashes)
     assert duplicates, "the Kermany train split is known to contain byte-identical duplicates"
+    assert not conflicts, "no duplicate of the Kermany train split is filed under both classes"
     assert len(kept) + sum(len(d["removed"]) for d in duplicates) == len(entries)
     for group in duplicates[:20]:
         kept_bytes = (src / group["kept"]).read_bytes()
