@@ -95,8 +95,9 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
                "quality": quality, "shard_mb": shard_mb, "min_shards": min_shards, "val_fraction": val_fraction,
                "carve_val": carve_val, "seed": seed, "on_label_conflict": on_label_conflict, "workers": workers, "overwrite": overwrite, "strict": strict}
     _check_options(src, synthetic, max_side, quality, shard_mb, min_shards, val_fraction, on_label_conflict)
+    output.check_out(out, src, overwrite)
     inputs = scan(src, synthetic=synthetic, seed=seed)
-    tmp = output.prepare_out(out, overwrite)
+    tmp = output.prepare_out(out)
     laps.lap("scan")
     pool = None
     try:

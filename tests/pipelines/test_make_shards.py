@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -288,6 +289,86 @@ def test_overwrite_refused_then_allowed(tmp_path):
     with pytest.raises(ShardsError, match="not a shards folder"):
         make_shards(None, stranger, synthetic=60, synthetic_size=48, overwrite=True, progress=False)
     assert (stranger / "precious.txt").read_bytes() == b"keep me"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_of_the_source_is_refused_and_deletes_nothing(tmp_path):
+    """Before: --out equal to --src, with a stray manifest.json there, deleted every source image (exit 0)."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    write(src / "manifest.json", b'{"written by": "another tool"}')
+    before = snapshot(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "scripts/make_shards.py", "--src", str(src), "--out", str(src), "--overwrite",
+         "--min-shards", "1", "--workers", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"output {src} is the source" in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case, match", [
+    ("parent of src", "contains it"),
+    ("existing folder in src", "existing folder inside the source"),
+    ("regular file", "is not a folder"),
+    ("link to shards", "is not a folder"),
+    ("shards folder + a stranger", r"it holds 'notes\.txt'"),
+    ("shards folder + a stranger folder", r"it holds 'train/extra/'"),
+    ("foreign manifest", "no manifest.json of this tool's format"),
+])
+def test_overwrite_deletes_only_what_make_shards_wrote(tmp_path, tiny_shards, case, match):
+    src = kaggle_layout(tmp_path / "data" / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    out = {"parent of src": tmp_path / "data", "existing folder in src": src / "chest_xray" / "train",
+           "regular file": write(tmp_path / "file.bin", b"data"), "link to shards": tmp_path / "link"}.get(case, shards)
+    if case == "link to shards":
+        out.symlink_to(shards)
+    elif case == "shards folder + a stranger":
+        write(shards / "notes.txt", b"my notes")
+    elif case == "shards folder + a stranger folder":
+        write(shards / "train" / "extra" / "x.bin", b"x")
+    elif case == "foreign manifest":
+        write(shards / "manifest.json", b'{"version": 1}')
+    before = snapshot(tmp_path)
+    with pytest.raises(ShardsError, match=match) as error:
+        make_shards(src, out, min_shards=1, overwrite=True, progress=False)
+    assert "\n" not in str(error.value)
+    assert snapshot(tmp_path) == before and out.exists()
+
+
+def test_fresh_output_inside_the_source_is_allowed_once(tmp_path):
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    out = src / "shards"
+    make_shards(src, out, min_shards=1, val_fraction=0, progress=False)
+    assert load_manifest(out)["inputs"]["sharded"] == 4
+    with pytest.raises(ShardsError, match="existing folder inside the source"):
+        make_shards(src, out, min_shards=1, overwrite=True, progress=False)
+
+
+def test_killed_run_leaves_temporary_folders_that_the_next_run_removes(tmp_path):
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import pipelines.make_shards as ms; "
+        "ms.write.write_split = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+        "ms.make_shards(None, sys.argv[2], synthetic=60, synthetic_size=48, min_shards=1, progress=False)"),
+        str(REPO), str(out)], capture_output=True, timeout=120)
+    assert killed.returncode == -9
+    [stale] = tmp_path.glob("out.tmp-*")
+    assert any(stale.glob("_spool-*.bin"))
+    # Look-alikes that are not stale or not ours stay: a live run's folder and a stranger's.
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
+        try:
+            live = tmp_path / f"out.tmp-{sleeper.pid}"
+            write(live / ".make_shards-tmp", b"")
+            stranger = write(tmp_path / f"out.tmp-{stale.name.rsplit('-', 1)[1]}0" / "thesis.tex", b"mine")
+            make_shards(None, out, synthetic=60, synthetic_size=48, min_shards=1, progress=False)
+            assert not stale.exists()
+            assert live.is_dir() and stranger.read_bytes() == b"mine"
+        finally:
+            sleeper.kill()
+    assert verify_shards(out, dali=False) and not (out / ".make_shards-tmp").exists()
 
 
 def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
