@@ -6,8 +6,11 @@ output does not depend on the worker count. A bad input never raises here: it co
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -131,19 +134,27 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
     return encoded, info
 
 
+def read_regular_file(path: str) -> bytes:
+    """The file's bytes; an `OSError` for anything but a regular file (the scan skips those; this guards a
+    FIFO swapped in afterwards, whose plain open() would block forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return handle.read()
+
+
 def _read_input(entry: Entry, seed: int, synthetic_size: int) -> bytes:
     if entry.synthetic_index >= 0:
         item = SyntheticItem(entry.synthetic_index, entry.split, entry.label, entry.patient, entry.subtype, entry.path)
         return encode_synthetic(item, seed=seed, size=synthetic_size)
-    with open(entry.abs_path, "rb") as handle:
-        return handle.read()
+    return read_regular_file(entry.abs_path)
 
 
 def hash_task(entry: Entry):
     """Worker body: `(sha256, None)` or `(None, reason)` for an unreadable or empty file."""
     try:
-        with open(entry.abs_path, "rb") as handle:
-            data = handle.read()
+        data = read_regular_file(entry.abs_path)
     except OSError as exc:
         return None, f"unreadable: {exc.strerror or exc}"
     if not data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,35 @@ def find_root(src: Path) -> Path:
     return src
 
 
+def special_kind(path: Path) -> str | None:
+    """"FIFO", "socket" or "device" for a path that is none of file, folder or dangling link: never to be
+    opened (reading a FIFO blocks until a writer comes, forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # a dangling link: reading it fails and rejects it
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
+
+
+def _folders_by_name(folder: Path, names, key) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Subfolders of `folder` whose `key(name)` is in `names` (several per name when they differ only in
+    case: `NORMAL/` and `normal/` are merged), and every other entry."""
+    matched: dict[str, list[Path]] = {}
+    others = []
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and key(child.name) in names:
+            matched.setdefault(key(child.name), []).append(child)
+        else:
+            others.append(child)
+    return matched, others
+
+
 def scan_source(src: Path) -> tuple[Path, list[Entry], list[dict]]:
     """Find every image of the Kaggle layout under `src`; return (root, images, skipped)."""
     root = find_root(src)
@@ -87,45 +117,45 @@ def scan_source(src: Path) -> tuple[Path, list[Entry], list[dict]]:
         return display(path.relative_to(base).as_posix())
 
     def skip_tree(path: Path, reason: str) -> None:
-        files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+        files = [p for p in sorted(path.rglob("*")) if p.is_symlink() or not p.is_dir()] \
+            if path.is_dir() and not path.is_symlink() else [path]
         for file in files:
             skipped.append({"path": rel(file), "reason": reason})
 
-    split_dirs = {}
-    for child in sorted(root.iterdir()):
-        name = child.name.lower()
-        if child.is_dir() and name in SPLITS and name not in split_dirs:
-            split_dirs[name] = child
-        elif child.name.startswith("."):
-            skip_tree(child, "hidden file or folder")
-        else:
-            skip_tree(child, f"not inside a {{train,val,test}}/{{NORMAL,PNEUMONIA}} folder of {display(root)}")
+    def skip_others(others: list[Path], reason: str) -> None:
+        for child in others:
+            skip_tree(child, "hidden file or folder" if child.name.startswith(".") else reason)
+
+    split_dirs, others = _folders_by_name(root, SPLITS, str.lower)
+    skip_others(others, f"not inside a {{train,val,test}}/{{NORMAL,PNEUMONIA}} folder of {display(root)}")
     if not split_dirs:
         raise ShardsError(f"no train/val/test folder in {display(root)}; {LAYOUT}")
-    for split, split_dir in split_dirs.items():
-        class_dirs = {}
-        for child in sorted(split_dir.iterdir()):
-            if child.is_dir() and child.name.upper() in LABELS and child.name.upper() not in class_dirs:
-                class_dirs[child.name.upper()] = child
-            elif child.name.startswith("."):
-                skip_tree(child, "hidden file or folder")
-            else:
-                skip_tree(child, f"not a class folder (expected {'/'.join(LABELS)})")
+    for split, folders in split_dirs.items():
+        class_dirs: dict[str, list[Path]] = {}
+        for split_dir in folders:
+            found, others = _folders_by_name(split_dir, LABELS, str.upper)
+            skip_others(others, f"not a class folder (expected {'/'.join(LABELS)})")
+            for name, dirs in found.items():
+                class_dirs.setdefault(name, []).extend(dirs)
         missing = [name for name in LABELS if name not in class_dirs]
         if missing:
-            raise ShardsError(f"split folder {display(split_dir)} has no {' or '.join(missing)} folder; {LAYOUT}")
-        for label_name, class_dir in class_dirs.items():
-            for path in sorted(class_dir.rglob("*")):
-                if path.is_dir() and not path.is_symlink():
-                    continue
-                if any(part.startswith(".") for part in path.relative_to(class_dir).parts):
-                    skipped.append({"path": rel(path), "reason": "hidden file"})
-                elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                    skipped.append({"path": rel(path), "reason": f"not an image extension ({'/'.join(sorted(IMAGE_SUFFIXES))})"})
-                else:
-                    patient, subtype = patient_and_subtype(path.name)
-                    entries.append(Entry(rel(path), split, LABELS.index(label_name), display(patient), subtype,
-                                         split, abs_path=str(path)))
+            raise ShardsError(f"split folder {display(folders[0])} has no {' or '.join(missing)} folder; {LAYOUT}")
+        for label_name, dirs in class_dirs.items():
+            for class_dir in dirs:
+                for path in sorted(class_dir.rglob("*")):
+                    if path.is_dir() and not path.is_symlink():
+                        continue
+                    kind = special_kind(path)
+                    if any(part.startswith(".") for part in path.relative_to(class_dir).parts):
+                        skipped.append({"path": rel(path), "reason": "hidden file"})
+                    elif kind:
+                        skipped.append({"path": rel(path), "reason": f"not a regular file ({kind}); not opened"})
+                    elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                        skipped.append({"path": rel(path), "reason": f"not an image extension ({'/'.join(sorted(IMAGE_SUFFIXES))})"})
+                    else:
+                        patient, subtype = patient_and_subtype(path.name)
+                        entries.append(Entry(rel(path), split, LABELS.index(label_name), display(patient), subtype,
+                                             split, abs_path=str(path)))
     if not entries:
         raise ShardsError(f"no images (.jpeg/.jpg/.png) found under {display(root)}; {LAYOUT}")
     return root, entries, skipped

@@ -15,7 +15,8 @@ from conftest import REPO
 from PIL import Image
 
 from pipelines.make_shards import make_shards
-from pipelines.make_shards.convert import Rejected, convert_image
+from pipelines.make_shards.convert import Rejected, convert_image, convert_task, hash_task
+from pipelines.make_shards.scan import Entry
 from pipelines.manifest import load_manifest
 from pipelines.verify import verify_shards
 
@@ -194,6 +195,17 @@ def test_exif_orientation_applied_once_at_shard_time(tmp_path):
                                                                                Image.Resampling.BILINEAR), np.float64)
         assert np.abs(stored - expected).mean() < 6, f"{name}: not the upright image"
         assert (meta["width"], meta["height"], meta["orientation"]) == (pixels.shape[1], pixels.shape[0], 6)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_swapped_in_after_the_scan_is_rejected_not_read(tmp_path):
+    """The readers open without blocking and refuse anything but a regular file."""
+    fifo = tmp_path / "IM-0001-0001.jpeg"
+    os.mkfifo(fifo)
+    entry = Entry("chest_xray/train/NORMAL/IM-0001-0001.jpeg", "train", 0, "IM-0001", "none", "train",
+                  abs_path=str(fifo))
+    assert hash_task(entry) == (None, "unreadable: not a regular file")
+    assert convert_task((entry, 512, 90, 0, 64)) == ("rejected", "unreadable: not a regular file")
 
 
 def test_strict_exits_nonzero_and_writes_nothing(bad_layout, tmp_path):

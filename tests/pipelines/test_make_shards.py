@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -419,6 +421,43 @@ def test_accepts_chest_xray_folder_itself_case_insensitive_classes(tmp_path):
     b = make_shards(src / "chest_xray", tmp_path / "b", min_shards=1, progress=False)
     assert a["splits"] == b["splits"]
     assert a["splits"]["test"]["samples"] == 6 and a["splits"]["train"]["samples"] + a["splits"]["val"]["samples"] == 6
+
+
+def test_fifo_and_socket_in_the_source_are_skipped_never_opened(tmp_path, monkeypatch):
+    """Before: the hash stage opened the FIFO and blocked forever."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    normal = src / "chest_xray/train/NORMAL"
+    os.mkfifo(normal / "IM-0500-0001.jpeg")
+    os.mkfifo(src / "chest_xray" / "pipe")  # outside the class folders too
+    monkeypatch.chdir(normal)  # a relative bind: socket paths are limited to ~100 characters
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("IM-0501-0001.jpeg")
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts/make_shards.py"), "--src", str(src), "--out", str(out),
+             "--min-shards", "1", "--val-fraction", "0", "--workers", "1", "--no-progress"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    skipped = {r["path"]: r["reason"] for r in load_manifest(out)["skipped"]}
+    assert "FIFO" in skipped["chest_xray/train/NORMAL/IM-0500-0001.jpeg"]
+    assert "socket" in skipped["chest_xray/train/NORMAL/IM-0501-0001.jpeg"]
+    assert "chest_xray/pipe" in skipped
+    assert load_manifest(out)["inputs"]["sharded"] == 4
+
+
+def test_class_and_split_folders_differing_only_in_case_are_merged(tmp_path):
+    """Before: `normal/` next to `NORMAL/` was skipped as "not a class folder"."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    write(src / "chest_xray/train/normal/IM-0600-0001.jpeg", xray_jpeg(600))
+    write(src / "chest_xray/Train/Pneumonia/person600_virus_1.jpeg", xray_jpeg(601))
+    out = tmp_path / "out"
+    manifest = make_shards(src, out, min_shards=1, val_fraction=0, progress=False)
+    assert_accounted(out, src)
+    assert not manifest["skipped"]
+    assert manifest["splits"]["train"]["per_class"] == {"NORMAL": 3, "PNEUMONIA": 3}
+    labels = {m["source"]: m["label_name"] for m in read_samples(out)["train"]}
+    assert labels["chest_xray/train/normal/IM-0600-0001.jpeg"] == "NORMAL"
+    assert labels["chest_xray/Train/Pneumonia/person600_virus_1.jpeg"] == "PNEUMONIA"
 
 
 def test_cli_synthetic_with_verify(tmp_path):
