@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
+from _shard_edits import drop_one_sample, edit_manifest, garble_header, rehash
 from _shard_truth import split_labels
 
 from eval.report import load_sample_metadata
 from pipelines.loaders import build_loader
-from pipelines.manifest import ShardsError, load_manifest, sha256_file
+from pipelines.manifest import ShardsError, load_manifest
 from pipelines.plan import resolve_split
 from pipelines.shards import read_index, sample_key, split_key
 from pipelines.spec import PreprocessSpec
@@ -25,23 +25,6 @@ def shards_copy(tiny_shards, tmp_path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
     return copy
-
-
-def edit_manifest(shards_dir: Path, edit) -> None:
-    manifest = json.loads((shards_dir / "manifest.json").read_text())
-    edit(manifest)
-    (shards_dir / "manifest.json").write_text(json.dumps(manifest))
-
-
-def rehash(shards_dir: Path) -> None:
-    """Make the manifest's sizes and hashes agree with the files, so only the other checks can catch a change."""
-    def edit(manifest):
-        for info in manifest["splits"].values():
-            for shard in info["shards"]:
-                shard["bytes"] = (shards_dir / shard["tar"]).stat().st_size
-                shard["sha256"] = sha256_file(shards_dir / shard["tar"])
-                shard["index_sha256"] = sha256_file(shards_dir / shard["index"])
-    edit_manifest(shards_dir, edit)
 
 
 def one_line_error(match: str, call, *args, **kwargs) -> str:
@@ -85,11 +68,7 @@ def test_check_keys_names_the_shard_of_a_sample_never_predicted(tiny_shards):
 def test_manifest_count_lower_than_the_tar_is_an_error_naming_the_shard(shards_copy):
     """Before: the loaders trusted the manifest's count and evaluation silently used a subset."""
     shard = load_manifest(shards_copy)["splits"]["val"]["shards"][0]
-
-    def drop_one(manifest):
-        manifest["splits"]["val"]["shards"][0]["samples"] -= 1
-        manifest["splits"]["val"]["samples"] -= 1
-    edit_manifest(shards_copy, drop_one)
+    edit_manifest(shards_copy, drop_one_sample("val"))
     message = one_line_error("lists .* samples, the manifest says", resolve_split, shards_copy, "val")
     assert shard["tar"] in message
     spec = PreprocessSpec.from_manifest(shards_copy, image_size=32)
@@ -103,11 +82,7 @@ def test_index_and_manifest_both_lower_than_the_tar_is_caught(shards_copy):
     index = shards_copy / shard["index"]
     lines = index.read_text().splitlines()
     index.write_text("\n".join([f"v1.2 {len(lines) - 2}", *lines[1:-1]]) + "\n")
-
-    def drop_one(manifest):
-        manifest["splits"]["val"]["shards"][0]["samples"] -= 1
-        manifest["splits"]["val"]["samples"] -= 1
-    edit_manifest(shards_copy, drop_one)
+    edit_manifest(shards_copy, drop_one_sample("val"))
     rehash(shards_copy)
     message = one_line_error("holds data after the last", resolve_split, shards_copy, "val")
     assert shard["tar"] in message
@@ -177,12 +152,7 @@ def _rewrite_tar(tar: Path, *, extra_sample: str) -> None:
 @pytest.mark.parametrize("where", ["first", "middle"])
 def test_tar_header_that_does_not_parse_names_the_tar(shards_copy, where):
     shard = load_manifest(shards_copy)["splits"]["val"]["shards"][0]
-    tar = shards_copy / shard["tar"]
-    with tarfile.open(tar) as archive:
-        offset = archive.getmembers()[0 if where == "first" else 4].offset
-    data = bytearray(tar.read_bytes())
-    data[offset + 148:offset + 156] = b"garbage!"  # the header checksum field
-    tar.write_bytes(bytes(data))
+    garble_header(shards_copy / shard["tar"], 0 if where == "first" else 4)
     rehash(shards_copy)
     for call, args in ((load_sample_metadata, (shards_copy, "val")), (verify_shards, (shards_copy,))):
         message = one_line_error("bad shard", call, *args, **({"dali": False} if call is verify_shards else {}))

@@ -1,10 +1,10 @@
 """Torch fallback: same contract as DALI, and the same evaluation batches."""
 
 import shutil
-import tarfile
 
 import pytest
 import torch
+from _shard_edits import garble_header
 from _shard_truth import split_labels
 
 from pipelines.dali import DaliLoader
@@ -75,11 +75,7 @@ def test_tar_header_that_does_not_parse_is_an_error_not_a_smaller_split(tiny_sha
     shutil.copytree(tiny_shards, copy)
     shards = resolve_split(copy, "val")
     tar = shards.tars[0]
-    with tarfile.open(tar) as archive:
-        offset = archive.getmembers()[3].offset  # the first member of the second sample
-    data = bytearray(tar.read_bytes())
-    data[offset + 148:offset + 156] = b"garbage!"  # its header checksum
-    tar.write_bytes(bytes(data))
+    garble_header(tar, 3)  # the first member of the second sample
     loader = _make(TorchLoader, copy, "val", bs=shards.num_samples, num_workers=0)
     with pytest.raises(ShardsError, match=rf"bad shard {tar}: (sample 'val-\d+' where|reading stops after 1 of)"):
         list(loader)
