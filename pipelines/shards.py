@@ -14,6 +14,7 @@ The loaders' plan (`pipelines.plan`), verification (`pipelines.verify`) and the 
 
 from __future__ import annotations
 
+import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ def split_key(split: str, position: int) -> str:
 
 
 def sample_key(name: str) -> str:
-    """Key of a tar member name or DALI source_info (`<tar>:<offset>:<member>`): `.../train-00000042.jpg` -> `train-00000042`."""
+    """Key of a tar member name or DALI source_info (`<tar>:<offset>:<member>`).
+
+    `.../train-00000042.jpg` -> `train-00000042`: the file name up to its first dot, webdataset's grouping rule.
+    """
     return name.rsplit(":", 1)[-1].rsplit("/", 1)[-1].split(".", 1)[0]
 
 
@@ -147,9 +151,14 @@ class SplitShards:
 
     def metadata(self) -> dict[str, dict]:
         """`{key: the sample's .json}` for every sample of the split."""
-        import json
-
-        return {s.key: json.loads(s.parts["json"]) for s in self.read(("json",)) if s.parts.get("json") is not None}
+        metadata = {}
+        for sample in self.read(("json",)):
+            try:
+                metadata[sample.key] = json.loads(sample.parts["json"])
+            except (KeyError, TypeError, ValueError):
+                raise ShardsError(f"bad shard {sample.shard.tar}: sample {sample.key} has no readable .json; "
+                                  f"{FIX_HINT.format(dir=self.shards_dir)}") from None
+        return metadata
 
     def check_keys(self, keys: Iterable[str]) -> None:
         """Raise `ShardsError` unless `keys` (e.g. de-duplicated predictions) are exactly this split's samples.

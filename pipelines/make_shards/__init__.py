@@ -3,20 +3,23 @@
 Library behind `python scripts/make_shards.py --src PATH/chest_xray --out shards/kermany` (see that script
 for the options). `make_shards` chains one small module per stage, each returning plain data:
 
-1. `scan`: `chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}` (case-insensitive); hidden and
-   non-image files and unknown folders go to `skipped`;
+1. `scan`: `chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}` (case-insensitive; folders
+   differing only in case are merged); hidden and non-image files, FIFOs, sockets and devices (never
+   opened) and unknown folders go to `skipped`;
 2. `convert.hash_inputs`: hash every image (sha256); unreadable and zero-byte files go to `rejected`;
 3. `split`: byte-identical copies are kept once (train before val before test, then by path) and the rest
-   listed in `duplicates`; copies with different labels are `label_conflicts` (none kept by default); official splits are kept, and when the source val split is missing or tiny
-   (Kaggle's has 16 images) it is merged into train and a val split is carved from train **by patient**,
-   per class; each split is put in a seeded shuffled order;
+   listed in `duplicates`; copies with different labels are `label_conflicts` (none kept by default);
+   official splits are kept, and when the source val split is missing or tiny (Kaggle's has 16 images)
+   it is merged into train and a val split is carved from train **by patient**, per class; each split
+   is put in a seeded shuffled order;
 4. `convert.convert_all`, in parallel: decode and validate, 8-bit single channel, longer side <= `max_side`
-   (JPEG draft/DCT scaling first), JPEG `quality`; grayscale JPEGs that need no resize are passed through
-   byte for byte. Failures go to `rejected` with the reason;
+   (JPEG draft/DCT scaling first), EXIF orientation applied, JPEG `quality`; grayscale JPEGs that need no
+   resize and carry no orientation tag are passed through byte for byte. Failures go to `rejected`;
 5. `write`: `<split>/<split>-NNNNNN.tar` with `webdataset.TarWriter` (fixed mtime, so reruns are
    byte-identical) and a DALI `.idx` next to each (DALI's own `wds2idx` code);
 6. `record`: `manifest.json` with counts, hashes and the train pixel mean/std; `output` publishes
-   atomically: everything is written to `<out>.tmp-<pid>` and renamed at the end.
+   atomically (everything is written to `<out>.tmp-<pid>` and renamed at the end) and decides what
+   `--overwrite` may replace: only a folder of this tool's own files, never the source.
 
 Why `max_side` defaults to 512: training reads 224 px random-resized crops; a crop covering 35 % of the
 image area at 224 px needs about 224 / sqrt(0.35) ~ 380 px of source, so 512 px keeps the pixels every
@@ -35,7 +38,7 @@ from pathlib import Path
 from pipelines.make_shards import convert, output, record, split, write
 from pipelines.make_shards.convert import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from pipelines.make_shards.record import format_summary
-from pipelines.make_shards.scan import scan
+from pipelines.make_shards.scan import scan_inputs
 from pipelines.make_shards.write import DEFAULT_MIN_SHARDS, DEFAULT_SHARD_MB
 from pipelines.manifest import MANIFEST_NAME, ShardsError
 from pipelines.synthetic import DEFAULT_SYNTHETIC_SIZE
@@ -84,8 +87,9 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
     `carve_val`: None carves val from train by patient when the source val split is missing or has fewer
     than 100 images; True always does; False never does. `on_label_conflict`: byte-identical images with
     different labels are listed in `label_conflicts` and none of them is kept ("drop"), or the copy the
-    duplicate rule keeps is ("keep-first"). Raises `ShardsError` for unusable input or
-    output paths, and with `strict` when any input was rejected (nothing is written then). `timings`, when
+    duplicate rule keeps is ("keep-first"). Raises `ShardsError` for unusable input or output paths (see
+    `output` for what `overwrite` may replace), and with `strict` when any input was rejected (nothing is
+    written then). `timings`, when
     given, is filled with wall seconds per stage (`scan`, `hash`, `convert`, `write`, `total`); they are kept
     out of the manifest so reruns stay byte-identical.
     """
@@ -93,10 +97,11 @@ def make_shards(src: Path | None, out: Path, *, synthetic: int = 0, synthetic_si
     out = Path(out)
     options = {"synthetic": synthetic, "synthetic_size": synthetic_size if synthetic else None, "max_side": max_side,
                "quality": quality, "shard_mb": shard_mb, "min_shards": min_shards, "val_fraction": val_fraction,
-               "carve_val": carve_val, "seed": seed, "on_label_conflict": on_label_conflict, "workers": workers, "overwrite": overwrite, "strict": strict}
+               "carve_val": carve_val, "seed": seed, "on_label_conflict": on_label_conflict, "workers": workers,
+               "overwrite": overwrite, "strict": strict}
     _check_options(src, synthetic, max_side, quality, shard_mb, min_shards, val_fraction, on_label_conflict)
     output.check_out(out, src, overwrite)
-    inputs = scan(src, synthetic=synthetic, seed=seed)
+    inputs = scan_inputs(src, synthetic=synthetic, seed=seed)
     tmp = output.prepare_out(out)
     laps.lap("scan")
     pool = None

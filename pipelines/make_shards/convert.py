@@ -129,7 +129,8 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
         gray.save(buffer, "JPEG", quality=quality)
         encoded = buffer.getvalue()
     info = {"width": width, "height": height, "mode": source_mode, "format": source_format,
-            "orientation": orientation, "stored_width": target[0], "stored_height": target[1], "passthrough": passthrough,
+            "orientation": orientation, "stored_width": target[0], "stored_height": target[1],
+            "passthrough": passthrough,
             "histogram": gray.histogram()}
     return encoded, info
 

@@ -151,7 +151,8 @@ def scan_source(src: Path) -> tuple[Path, list[Entry], list[dict]]:
                     elif kind:
                         skipped.append({"path": rel(path), "reason": f"not a regular file ({kind}); not opened"})
                     elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                        skipped.append({"path": rel(path), "reason": f"not an image extension ({'/'.join(sorted(IMAGE_SUFFIXES))})"})
+                        skipped.append({"path": rel(path),
+                                        "reason": f"not an image extension ({'/'.join(sorted(IMAGE_SUFFIXES))})"})
                     else:
                         patient, subtype = patient_and_subtype(path.name)
                         entries.append(Entry(rel(path), split, LABELS.index(label_name), display(patient), subtype,
@@ -161,7 +162,7 @@ def scan_source(src: Path) -> tuple[Path, list[Entry], list[dict]]:
     return root, entries, skipped
 
 
-def scan(src: Path | None, *, synthetic: int, seed: int) -> Scan:
+def scan_inputs(src: Path | None, *, synthetic: int, seed: int) -> Scan:
     """The inputs of a run: the images under `src`, or `synthetic` generated ones."""
     if synthetic:
         try:

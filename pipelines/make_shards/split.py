@@ -24,8 +24,6 @@ def remove_duplicates(entries: list[Entry], hashes: list[str], *, on_label_confl
     label conflict, not a duplicate: nothing says which label is right, so `on_label_conflict="drop"` keeps
     no copy, and "keep-first" keeps the copy the duplicate rule would keep (with its label).
     """
-    if on_label_conflict not in LABEL_CONFLICT_CHOICES:
-        raise ValueError(f"on_label_conflict must be one of {LABEL_CONFLICT_CHOICES}, got {on_label_conflict!r}")
     groups: dict[str, list[Entry]] = defaultdict(list)
     for entry, digest in zip(entries, hashes, strict=True):
         groups[digest].append(entry)
@@ -37,7 +35,7 @@ def remove_duplicates(entries: list[Entry], hashes: list[str], *, on_label_confl
         group = sorted(group, key=lambda e: (SPLITS.index(e.split), e.path))
         kept, removed = group[0], group[1:]
         if len({e.label for e in group}) > 1:
-            if on_label_conflict == "drop":
+            if on_label_conflict != "keep-first":
                 kept, removed = None, group
             conflicts.append({"sha256": digest, "kept": kept.path if kept else None,
                               "files": [{"path": e.path, "label": LABELS[e.label], "split": e.split} for e in group]})

@@ -1,4 +1,4 @@
-"""Stage 5, write: a split's converted images -> `<split>/<split>-NNNNNN.tar` + DALI `.idx`, and their manifest records."""
+"""Stage 5, write: a split's converted images -> `<split>/<split>-NNNNNN.tar` + DALI `.idx`, and their records."""
 
 from __future__ import annotations
 

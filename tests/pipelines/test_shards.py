@@ -92,7 +92,8 @@ def test_truncated_or_grown_tar_is_named(tiny_shards, shards_copy):
     rel = load_manifest(shards_copy)["splits"]["train"]["shards"][0]["tar"]
     with open(shards_copy / rel, "r+b") as handle:
         handle.truncate(2048)
-    assert rel in one_line_error(r"2048 bytes, the manifest says \d+ \(truncated\)", resolve_split, shards_copy, "train")
+    assert rel in one_line_error(r"2048 bytes, the manifest says \d+ \(truncated\)", resolve_split, shards_copy,
+                                 "train")
     rehash(shards_copy)  # a manifest that agrees with the short tar: its index still reaches further
     assert rel in one_line_error("truncated tar", resolve_split, shards_copy, "train")
     shutil.copy(tiny_shards / rel, shards_copy / rel)
