@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.manifest import MANIFEST_NAME, sha256_file
-from pipelines.plan import resolve_split, sample_key
+from pipelines.manifest import FIX_HINT, MANIFEST_NAME, ShardsError, sha256_file
+from pipelines.shards import resolve_split
 
 IDENTITY = "sha256 of the stored JPEG bytes"
 TRAIN_SAMPLES = "train_samples.json"
@@ -36,15 +35,14 @@ TRAIN_SAMPLES = "train_samples.json"
 CONVERSION_ARGS = ("max_side", "quality")
 
 
-def split_content(shards_dir: str | Path, split: str) -> dict[str, str]:
-    """`{key: sha256 of the stored JPEG}` for every sample of `split`, from the tars its manifest lists."""
+def split_content(shards_dir: str | Path, split: str, manifest: dict | None = None) -> dict[str, str]:
+    """`{key: sha256 of the stored JPEG}` for every sample of `split` (the other members are skipped)."""
     content = {}
-    for tar_path in resolve_split(shards_dir, split).tars:
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                # webdataset's rule: the extension is everything after the first dot of the member's name.
-                if member.isfile() and member.name.rsplit("/", 1)[-1].partition(".")[2] == "jpg":
-                    content[sample_key(member.name)] = hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+    for sample in resolve_split(shards_dir, split, manifest=manifest).read(("jpg",)):
+        if sample.parts.get("jpg") is None:
+            raise ShardsError(f"bad shard {sample.shard.tar}: sample {sample.key} has no .jpg; "
+                              f"{FIX_HINT.format(dir=shards_dir)}")
+        content[sample.key] = hashlib.sha256(sample.parts["jpg"]).hexdigest()
     return content
 
 
@@ -75,7 +73,7 @@ class TrainingData:
 def record_training_data(shards_dir: str | Path, manifest: dict, train_split: str, val_split: str) -> TrainingData:
     """Hash the manifest and both splits' keys and contents (reads every JPEG of both splits once)."""
     shards_dir = Path(shards_dir)
-    contents = {split: split_content(shards_dir, split) for split in (train_split, val_split)}
+    contents = {split: split_content(shards_dir, split, manifest) for split in (train_split, val_split)}
     meta = {
         "manifest": str(shards_dir / MANIFEST_NAME),
         "manifest_sha256": sha256_file(shards_dir / MANIFEST_NAME),
@@ -125,7 +123,8 @@ def check_training_overlap(meta: dict, best_dir: Path, shards_dir: Path, manifes
                                    "recognised by their bytes")
     else:
         for split in dict.fromkeys(splits):
-            check["in_training_split"][split] = sum(h in trained for h in split_content(shards_dir, split).values())
+            content = split_content(shards_dir, split, manifest)
+            check["in_training_split"][split] = sum(h in trained for h in content.values())
     check["valid"] = check["unknown_reason"] is None and not any(check["in_training_split"].values())
     check["warning"] = None if check["valid"] else _warning(check)
     return check

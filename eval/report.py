@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from matplotlib.figure import Figure
 
 from eval import metrics as M
 from pipelines.manifest import LABELS
+from pipelines.shards import resolve_split
 
 REPORT_VERSION = 1
 PREDICTION_FIELDS = ("key", "label", "probability", "prediction", "source", "subtype")
@@ -35,8 +34,6 @@ METRIC_TITLES = {
     "auroc": "AUROC",
     "pr_auc": "Average precision (PR-AUC)",
 }
-# webdataset's rule: the key is the member path up to the first dot of its file name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -45,30 +42,10 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def load_sample_metadata(shards_dir: str | Path, split: str, manifest: dict | None = None) -> dict[str, dict]:
     """`{key: {source, subtype, ...}}` from the `.json` member of every sample of `split`'s shards.
 
-    Reads the tars with `tarfile`: only the small json members are decoded and the JPEG members are
-    skipped by seeking, so this costs a fraction of a decode pass.
+    Reads through `pipelines.shards` (the loaders' checks of the split, only the small json members
+    decoded), so a shard that disagrees with the manifest is a `ShardsError` naming it.
     """
-    from pipelines.manifest import load_manifest
-
-    shards_dir = Path(shards_dir)
-    manifest = manifest if manifest is not None else load_manifest(shards_dir)
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ValueError(
-            f"split {split!r} is not in {shards_dir / 'manifest.json'} (it has {', '.join(sorted(splits)) or 'none'})"
-        )
-    metadata: dict[str, dict] = {}
-    for shard in splits[split]["shards"]:
-        tar_path = shards_dir / shard["tar"]
-        if not tar_path.is_file():
-            raise FileNotFoundError(f"shard {tar_path} listed in {shards_dir / 'manifest.json'} is missing; rebuild the shards")
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                match = _KEY_EXT.match(member.name)
-                if not member.isfile() or match is None or match.group(2) != "json":
-                    continue
-                metadata[match.group(1)] = json.loads(tar.extractfile(member).read())
-    return metadata
+    return resolve_split(shards_dir, split, manifest=manifest).metadata()
 
 
 # --- the report -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 `--src` takes the folder that contains `chest_xray/` or `chest_xray/` itself. Exit status: 0 on success,
 1 with `--strict` when any input was rejected, 2 for unusable input/output paths or a failed `--verify`.
-The stages and the choice of defaults are described in `pipelines/make_shards.py`.
+The stages and the choice of defaults are described in `pipelines/make_shards/__init__.py`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from pipelines.make_shards import (  # noqa: E402 - after the path fix so a plai
     format_summary,
     make_shards,
 )
-from pipelines.manifest import ShardsError, verify_shards  # noqa: E402
+from pipelines.make_shards.split import LABEL_CONFLICT_CHOICES  # noqa: E402
+from pipelines.manifest import ShardsError  # noqa: E402
 from pipelines.synthetic import DEFAULT_SYNTHETIC_SIZE  # noqa: E402
+from pipelines.verify import verify_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="always carve val from train (default: only when the source val has < 100 images)")
     carve.add_argument("--no-carve-val", dest="carve_val", action="store_false", help="keep the source val split")
     parser.add_argument("--seed", type=int, default=0, help="shuffle / split / synthetic seed")
+    parser.add_argument("--on-label-conflict", choices=LABEL_CONFLICT_CHOICES, default="drop",
+                        help="byte-identical images filed under different classes: keep none of them (drop) or "
+                             "the first, train before val before test, then by path (keep-first)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1, write nothing) if any input is rejected")
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_shards(
             args.src, args.out, synthetic=args.synthetic or 0, synthetic_size=args.synthetic_size,
             max_side=args.max_side, quality=args.quality, shard_mb=args.shard_mb, min_shards=args.min_shards,
-            val_fraction=args.val_fraction, carve_val=args.carve_val, seed=args.seed, workers=args.workers,
+            val_fraction=args.val_fraction, carve_val=args.carve_val, seed=args.seed,
+            on_label_conflict=args.on_label_conflict, workers=args.workers,
             overwrite=args.overwrite, strict=args.strict, progress=args.progress, command=command,
             timings=timings)
     except ShardsError as exc:

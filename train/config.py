@@ -43,6 +43,7 @@ class DataConfig(PreprocessConfig):
     hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder (A100/H100); rest on CUDA cores
     train_split: str = "train"  # manifest split to train on
     val_split: str = "val"  # manifest split validated every epoch (model selection, threshold)
+    verify_shards: bool = False  # re-hash every tar and index against the manifest before training (reads all bytes)
 
     def __post_init__(self) -> None:
         """Checked by `validate` instead, so the error names the key as `data.<field>`."""

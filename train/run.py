@@ -132,7 +132,7 @@ def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
     common = dict(spec=spec, loader=cfg.data.loader, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
                   num_workers=cfg.data.num_workers, hw_decoder_load=cfg.data.hw_decoder_load,
-                  dtype=input_dtype(accelerator))
+                  dtype=input_dtype(accelerator), verify_shards=cfg.data.verify_shards)
     train_loader = build_loader(cfg.data.shards, cfg.data.train_split, train=True,
                                 per_device_batch_size=cfg.data.per_device_batch_size, **common)
     val_loader = build_loader(cfg.data.shards, cfg.data.val_split, train=False,
