@@ -116,12 +116,15 @@ def _read_rows(path: Path, columns: Preset) -> tuple[dict[str, list[dict]], int]
                     raise ShardsError(f"labels CSV {path} has no column {name!r} (columns: {', '.join(header)}); "
                                       f"pass {flag} NAME")
             count = 0
-            for count, row in enumerate(reader, start=1):
+            for row in reader:
+                count += 1
                 key = (row.get(columns.path_col) or "").strip()
                 if key:
-                    rows[key].append({"row": count, "label": row.get(columns.label_col) or "",
+                    rows[key].append({"line": reader.line_num, "label": row.get(columns.label_col) or "",
                                       "patient": (row.get(columns.patient_col) or "").strip()
                                       if columns.patient_col else ""})
+    except ShardsError:
+        raise
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ShardsError(f"cannot read labels CSV {path}: {exc}; pass a UTF-8 CSV with a header row") from None
     if not rows:
@@ -195,11 +198,11 @@ def scan_labelled(src: Path, labels: LabelSource) -> Scan:
         raise ShardsError(f"source {src} is not a folder; --src takes the folder holding the images the labels CSV "
                           f"names (searched recursively)")
     columns = labels.resolved()
-    rows, row_count = _read_rows(Path(labels.csv), columns)
     split_of, lists_folder = _read_split_lists(labels)
     if lists_folder is not None and labels.test_fraction is not None:
         raise ShardsError(f"--test-fraction {labels.test_fraction} given, but the split lists in {lists_folder} "
                           f"define the test split; drop --test-fraction (or pass --split-lists elsewhere)")
+    rows, row_count = _read_rows(Path(labels.csv), columns)
     test_fraction = 0.0 if lists_folder else (DEFAULT_TEST_FRACTION if labels.test_fraction is None
                                               else labels.test_fraction)
     own = {Path(labels.csv).resolve()} | ({(lists_folder / n).resolve() for n in SPLIT_LISTS} if lists_folder else set())
@@ -210,7 +213,7 @@ def scan_labelled(src: Path, labels: LabelSource) -> Scan:
     for key in rows:
         matches = index.get(key, [])
         if not matches:
-            missing.append({"name": key, "reason": f"listed in row {rows[key][0]['row']} of {Path(labels.csv).name}, "
+            missing.append({"name": key, "reason": f"listed on line {rows[key][0]['line']} of {Path(labels.csv).name}, "
                                                    f"no file of that name (or name without extension) under --src"})
         for rel in matches:
             named_by[rel].append(key)

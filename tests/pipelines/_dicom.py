@@ -87,3 +87,19 @@ def reference_minmax(raw: np.ndarray, monochrome1: bool = False) -> np.ndarray:
     x = raw.astype(np.float64)
     y = np.rint((x - x.min()) * 255 / (x.max() - x.min()))
     return (255 - y if monochrome1 else y).astype(np.uint8)
+
+
+def jpeg_baseline(raw: np.ndarray, **attributes) -> bytes:
+    """An 8-bit DICOM whose pixel data is one JPEG Baseline frame (pydicom decodes it with Pillow)."""
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    buffer = io.BytesIO()
+    Image.fromarray(raw.astype(np.uint8), "L").save(buffer, "JPEG", quality=95)
+    ds = dataset(raw.astype(np.uint8), bits=8, **attributes)
+    ds.BitsAllocated = 8
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
