@@ -128,40 +128,66 @@ def _voi_name(dataset) -> str | None:
     return None
 
 
-def to_8bit(dataset, stored: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Modality LUT -> VOI (first window) -> 8 bits over the VOI output range -> MONOCHROME1 inverted."""
+# Above this many distinct stored levels (32-bit data) the transforms run on the pixels, not on a table.
+MAX_TABLE_LEVELS = 1 << 17
+
+
+def _display_levels(dataset, values: np.ndarray, voi: str | None, present: np.ndarray | None):
+    """Modality LUT -> VOI -> 8 bits over the VOI output range -> MONOCHROME1 inverted, on `values`;
+    `present` masks the values the image holds (the range used without a VOI)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    voi = _voi_name(dataset)
     with warnings.catch_warnings():
-        # pydicom warns (once per process) about float input to a LUT; values are made integral below.
+        # pydicom warns about float input to a LUT; the values are made integral first.
         warnings.simplefilter("ignore")
-        values = apply_modality_lut(stored, dataset)
+        values = apply_modality_lut(values, dataset)
         try:
             if voi == "VOI LUT Sequence":
                 values = np.rint(values).astype(np.int64)
                 extremes = np.array([np.iinfo(np.int32).min, np.iinfo(np.int32).max], np.int64)
             else:
-                values = values.astype(np.float64)
+                values = np.asarray(values, np.float64)
                 extremes = np.array([-1e12, 1e12])
             if voi:
                 windowed = np.asarray(apply_voi_lut(values, dataset, index=0), np.float64)
                 ends = np.asarray(apply_voi_lut(extremes, dataset, index=0), np.float64)
-                low, high = float(ends.min()), float(ends.max())
             else:
-                windowed, low, high = values.astype(np.float64), float(values.min()), float(values.max())
+                windowed = values.astype(np.float64)
+                ends = windowed if present is None else windowed[present]
+            low, high = float(ends.min()), float(ends.max())
         except (ValueError, IndexError, TypeError, AttributeError) as exc:
             raise Rejected(f"unusable {voi or 'Modality LUT'}: {type(exc).__name__}: {exc}") from None
     if not high > low:
         raise Rejected(f"blank image (every pixel = {low:g} after the {voi or 'Modality LUT'})")
-    pixels = np.clip(np.rint((windowed - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
-    photometric = str(dataset.PhotometricInterpretation).strip().upper()
-    if photometric == "MONOCHROME1":
-        pixels = 255 - pixels
+    levels = np.clip(np.rint((windowed - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    if str(dataset.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
+        levels = 255 - levels
+    return levels, [low, high]
+
+
+def to_8bit(dataset, stored: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Modality LUT -> VOI (first window) -> 8 bits over the VOI output range -> MONOCHROME1 inverted.
+
+    Every pixel with the same stored value gets the same display value, so the transforms run once per
+    level from the image's min to max stored value (at most 65,536 for 16-bit data) and the image is an
+    index into that table. Measured on a 2,048 px 16-bit file: pydicom's float64 passes over the 4 M pixels
+    take ~0.10 s, the table and one gather ~0.02 s (same values), so a whole file converts in ~0.04 s
+    instead of ~0.14 s.
+    """
+    voi = _voi_name(dataset)
+    offset = int(stored.min())
+    span = int(stored.max()) - offset + 1
+    if stored.dtype.kind not in "iu" or span > MAX_TABLE_LEVELS:
+        pixels, voi_range = _display_levels(dataset, stored, voi, None)
+    else:
+        index = np.subtract(stored, offset, dtype=np.int32)
+        present = None if voi else np.bincount(index.ravel(), minlength=span) > 0
+        table, voi_range = _display_levels(dataset, np.arange(offset, offset + span, dtype=np.int64), voi, present)
+        pixels = table[index]
     window = None
     if voi == "Window Center/Width":
         window = [float(np.ravel(dataset.WindowCenter)[0]), float(np.ravel(dataset.WindowWidth)[0])]
-    return pixels, {"voi": voi or "none: image min..max", "window": window, "voi_range": [low, high]}
+    return pixels, {"voi": voi or "none: image min..max", "window": window, "voi_range": voi_range}
 
 
 def pixel_spacing(dataset) -> tuple[list[float] | None, str | None]:

@@ -1,16 +1,20 @@
-"""Synthetic DICOM radiographs made with pydicom, and the reference 8-bit pixels computed from the raw array
-with numpy (DICOM PS3.3 C.11.2.1.2 windowing), independently of the code under test."""
+"""Synthetic DICOM radiographs made with pydicom (`pipelines.synthetic.dicom_dataset`, which only writes
+tags), and the reference 8-bit pixels computed from the raw array with numpy (DICOM PS3.3 C.11.2.1.2
+windowing), independently of the code under test."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+from pipelines.synthetic import dicom_bytes as to_bytes
+from pipelines.synthetic import dicom_dataset as dataset
+
+__all__ = ["dataset", "jpeg_baseline", "radiograph", "reference_lut", "reference_minmax", "reference_window",
+           "to_bytes", "with_voi_lut"]
 
 
 def radiograph(bits: int = 12, height: int = 80, width: int = 96, signed: bool = False) -> np.ndarray:
@@ -23,30 +27,6 @@ def radiograph(bits: int = 12, height: int = 80, width: int = 96, signed: bool =
     return np.round(low + values * (high - low)).astype(np.int16 if signed else np.uint16)
 
 
-def dataset(pixels: np.ndarray, *, bits: int = 12, photometric: str = "MONOCHROME2", modality: str = "DX",
-            patient: str | None = "PAT-0001", body_part: str | None = "CHEST", **attributes) -> Dataset:
-    """A DICOM dataset holding `pixels` (2-D, or 3-D with NumberOfFrames) and any extra `attributes`."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = DX_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = DX_STORAGE, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    if patient is not None:
-        ds.PatientID = patient
-    if body_part is not None:
-        ds.BodyPartExamined = body_part
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
-    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-    for name, value in attributes.items():
-        setattr(ds, name, value)
-    ds.PixelData = pixels.tobytes()
-    return ds
-
-
 def voi_lut_item(first_mapped: int, lut: np.ndarray, lut_bits: int = 16) -> Dataset:
     item = Dataset()
     item.LUTDescriptor = [len(lut), first_mapped, lut_bits]
@@ -57,14 +37,6 @@ def voi_lut_item(first_mapped: int, lut: np.ndarray, lut_bits: int = 16) -> Data
 def with_voi_lut(ds: Dataset, first_mapped: int, lut: np.ndarray) -> Dataset:
     ds.VOILUTSequence = Sequence([voi_lut_item(first_mapped, lut)])
     return ds
-
-
-def to_bytes(ds: Dataset, *, rle: bool = False) -> bytes:
-    if rle:
-        ds.compress(RLELossless)  # pydicom's own RLE encoder: no plugin needed
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def reference_window(raw: np.ndarray, center: float, width: float, slope: float = 1.0, intercept: float = 0.0,

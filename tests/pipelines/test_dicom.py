@@ -97,6 +97,26 @@ def test_rle_lossless_decodes_to_the_same_pixels():
     assert_close(pixels, expected)
 
 
+@pytest.mark.parametrize("case", ["window", "lut", "none"])
+def test_per_level_table_equals_transforming_every_pixel(case):
+    """`to_8bit` transforms each stored level once and indexes; the per-pixel path (32-bit data) must agree."""
+    import pydicom
+
+    from pipelines.make_shards.dicom import _display_levels, _voi_name, to_8bit
+
+    raw = radiograph(16)
+    ds = dataset(raw, bits=16, photometric="MONOCHROME1", RescaleSlope=1, RescaleIntercept=-100)
+    if case == "window":
+        ds.WindowCenter, ds.WindowWidth = 30_000, 20_000
+    elif case == "lut":
+        with_voi_lut(ds, 5_000, np.round(np.linspace(0, 65535, 50_000) ** 1.0).astype(np.uint16))
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
+    stored = ds.pixel_array
+    table, _ = to_8bit(ds, stored)
+    direct, _ = _display_levels(ds, stored, _voi_name(ds), None)
+    assert (table == direct).all()
+
+
 def test_pixel_spacing_and_patient_id_are_read():
     raw = radiograph()
     spaced = to_bytes(dataset(raw, PixelSpacing=[0.14, 0.15], ImagerPixelSpacing=[0.2, 0.2]))
