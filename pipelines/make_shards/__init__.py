@@ -1,22 +1,28 @@
-"""Kaggle chest-X-ray folders (or a synthetic set) -> verified WebDataset shards + DALI indexes + manifest.
+"""Chest X-ray folders (or a synthetic set) -> verified WebDataset shards + DALI indexes + manifest.
 
 Library behind `python scripts/make_shards.py --src PATH/chest_xray --out shards/kermany` (see that script
 for the options). `make_shards` chains one small module per stage, each returning plain data:
 
-1. `scan`: `chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png}` (case-insensitive; folders
-   differing only in case are merged); hidden and non-image files, FIFOs, sockets and devices (never
-   opened) and unknown folders go to `skipped`;
-2. `convert.hash_inputs`: hash every image (sha256); unreadable and zero-byte files go to `rejected`;
+1. `scan`: `chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png,dcm,dicom}` (case-insensitive;
+   folders differing only in case are merged); hidden and non-image files, FIFOs, sockets and devices (never
+   opened) and unknown folders go to `skipped`. Or `labels.scan_labelled` (`--labels CSV`): the images a
+   labels CSV names anywhere under `--src` (RSNA, NIH ChestX-ray14 or explicit columns), with official split
+   lists when there are some; listed images a rule leaves out go to `excluded`, unlisted files to `skipped`,
+   rows naming no file to `missing`;
+2. `convert.hash_inputs`: hash every image (sha256) and read DICOM PatientIDs; unreadable and zero-byte
+   files go to `rejected`; then `patients.pseudonymize`: ids from DICOM headers and CSVs become salted hashes;
 3. `split`: byte-identical copies are kept once (train before val before test, then by path) and the rest
    listed in `duplicates`; copies with different labels are `label_conflicts` (none kept by default);
-   official splits are kept, and when the source val split is missing or tiny (Kaggle's has 16 images)
-   it is merged into train and a val split is carved from train **by patient**, per class; each split
-   is put in a seeded shuffled order;
-4. `convert.convert_all`, in parallel: decode and validate, 8-bit single channel, longer side <= `max_side`
-   (JPEG draft/DCT scaling first), EXIF orientation applied, JPEG `quality`; grayscale JPEGs that need no
-   resize and carry no orientation tag are passed through byte for byte. Failures go to `rejected`;
+   official splits are kept; a labels CSV without split lists gets a test split carved **by patient**; when
+   the source val split is missing or tiny (Kaggle's has 16 images) it is merged into train and a val split
+   is carved from train by patient, per class; each split is put in a seeded shuffled order;
+4. `convert.convert_all`, in parallel: decode and validate (DICOM by its preamble, whatever the name: see
+   `dicom` for the display conventions), 8-bit single channel, longer side <= `max_side` (JPEG draft/DCT
+   scaling first), EXIF orientation applied, JPEG `quality`; grayscale JPEGs that need no resize and carry
+   no orientation tag are passed through byte for byte. Failures go to `rejected`;
 5. `write`: `<split>/<split>-NNNNNN.tar` with `webdataset.TarWriter` (fixed mtime, so reruns are
-   byte-identical) and a DALI `.idx` next to each (DALI's own `wds2idx` code);
+   byte-identical; for DICOM/CSV patient ids also the same `--patient-salt`) and a DALI `.idx` next to each
+   (DALI's own `wds2idx` code);
 6. `record`: `manifest.json` with counts, hashes and the train pixel mean/std; `output` publishes
    atomically (everything is written to `<out>.tmp-<pid>` and renamed at the end) and decides what
    `--overwrite` may replace: only a folder of this tool's own files, never the source.
