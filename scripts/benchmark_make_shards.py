@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 convert = min(t["convert"] for t, _ in runs)
                 inputs = manifest["inputs"]["sharded"] + manifest["inputs"]["rejected"]
                 results.append({"mode": mode, "max_side": max_side, "workers": workers, "images": inputs,
+                                "rejected": manifest["inputs"]["rejected"],
                                 "passthrough": manifest["inputs"]["passthrough"], "seconds": round(total, 3),
                                 "images_per_sec": round(inputs / total, 1), "convert_seconds": round(convert, 3),
                                 "convert_images_per_sec": round(inputs / convert, 1)})
