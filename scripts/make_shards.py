@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     csv_group.add_argument("--path-col", help="CSV column naming the image (path under --src, name, or stem)")
     csv_group.add_argument("--label-col", help="CSV column holding the label")
     csv_group.add_argument("--positive", metavar="VALUE", help="--label-col value meaning PNEUMONIA (others: NORMAL)")
-    csv_group.add_argument("--patient-col", help="CSV column holding the patient id (a DICOM PatientID wins)")
+    csv_group.add_argument("--patient-col", help="CSV column holding the patient id (else a DICOM's PatientID, else "
+                           "the file name)")
     csv_group.add_argument("--nih-other", choices=NIH_OTHER_CHOICES, default="exclude",
                            help="nih14: images with findings other than Pneumonia / No Finding are excluded "
                                 "(listed in the manifest) or NORMAL")

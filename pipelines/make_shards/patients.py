@@ -30,8 +30,12 @@ def hash_patient(patient: str, salt: str) -> str:
 
 def pseudonymize(entries: list[Entry], header_patients: dict[str, str], salt: str | None
                  ) -> tuple[list[Entry], dict]:
-    """Entries with a DICOM PatientID (which wins: it is the hospital's record) or a CSV patient id get its
-    salted hash as `patient`; returns them and the manifest's `patients` record (no id, no given salt)."""
+    """Entries with a CSV patient id, else a DICOM PatientID, get its salted hash as `patient`; returns them
+    and the manifest's `patients` record (no id, no given salt; `from` counts the readable inputs).
+
+    A patient column is the user's explicit mapping, so it wins over the header: anonymised DICOM often
+    carries one constant PatientID ("ANONYMOUS"), which would make every image one patient and put the whole
+    set in one split. `distinct` (the number of different ids) makes such a collapse visible."""
     identifying = [e for e in entries if e.path in header_patients or e.patient_from != FROM_FILE_NAME]
     record = {"from": {}, "hashed": len(identifying)}
     if identifying:
@@ -41,10 +45,11 @@ def pseudonymize(entries: list[Entry], header_patients: dict[str, str], salt: st
                       "generated for this run (pass it as --patient-salt to reproduce these ids)")
     out = []
     for entry in entries:
-        if entry.path in header_patients:
-            entry = replace(entry, patient=hash_patient(header_patients[entry.path], key), patient_from=FROM_DICOM)
-        elif entry.patient_from != FROM_FILE_NAME:
+        if entry.patient_from != FROM_FILE_NAME:
             entry = replace(entry, patient=hash_patient(entry.patient, key))
+        elif entry.path in header_patients:
+            entry = replace(entry, patient=hash_patient(header_patients[entry.path], key), patient_from=FROM_DICOM)
         out.append(entry)
     record["from"] = dict(sorted(Counter(e.patient_from for e in out).items()))
+    record["distinct"] = len({e.patient for e in out})
     return out, record

@@ -139,7 +139,7 @@ def format_summary(manifest: dict, out: Path | str) -> str:
             lines.append(f"    ... {len(manifest[kind]) - 10} more {kind} in manifest.json")
     if manifest["patients"] and manifest["patients"]["hashed"]:
         lines.append(f"  patient ids: {manifest['patients']['hashed']} hashed ({manifest['patients']['rule']}), "
-                     f"salt {manifest['patients']['salt_from']}")
+                     f"{manifest['patients']['distinct']} distinct, salt {manifest['patients']['salt_from']}")
     for conflict in manifest["label_conflicts"][:10]:
         files = ", ".join(f"{f['path']} ({f['label']})" for f in conflict["files"])
         lines.append(f"    label conflict, identical bytes: {files}; "

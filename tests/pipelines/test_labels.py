@@ -157,7 +157,9 @@ def rsna_set(root: Path) -> tuple[Path, Path, dict]:
         if i == 2:
             data = jpeg_baseline((raw >> 4).astype(np.uint8), modality="CR", patient=pid)
         else:
-            data = to_bytes(dataset(raw, modality="CR", patient=pid, WindowCenter=2048, WindowWidth=4096,
+            # Two anonymised headers with one constant PatientID: the CSV's patientId must still tell them apart.
+            data = to_bytes(dataset(raw, modality="CR", patient="ANONYMOUS" if i in (5, 7) else pid,
+                                    WindowCenter=2048, WindowWidth=4096,
                                     photometric="MONOCHROME1" if i == 4 else "MONOCHROME2",
                                     ImagerPixelSpacing=[0.168, 0.168]))
         write(images / f"{pid}.dcm", data)
@@ -176,7 +178,7 @@ def test_rsna_preset_dicoms_any_positive_row_and_patient_disjoint_test_split(tmp
     assert manifest["label_source"]["rows"] == 24 + 8 + 1 and manifest["label_source"]["listed_images"] == 24
     assert manifest["label_source"]["test_fraction"] == 0.25 and manifest["label_source"]["split_lists"] is None
     assert [s["path"] for s in manifest["skipped"]] == ["ffffffff-test-image.dcm"]
-    assert manifest["patients"]["from"] == {"DICOM PatientID": 24}
+    assert manifest["patients"]["from"] == {"CSV column 'patientId'": 24} and manifest["patients"]["distinct"] == 24
     samples = read_samples(out)
     assert {split: len(m) for split, m in samples.items() if m}.keys() == {"train", "val", "test"}
     seen = {}
