@@ -36,6 +36,8 @@ SPLIT_LISTS = {"train_val_list.txt": "train", "train_list.txt": "train", "val_li
                "test_list.txt": "test"}
 # Test share of a set without official split lists (RSNA): the same share as the val carve-out.
 DEFAULT_TEST_FRACTION = 0.1
+AMBIGUOUS_REASON = ("ambiguous: its CSV value names several files under --src (csv_values, also_named); give "
+                    "paths relative to --src in the CSV")
 NIH_OTHER_REASON = "other findings, neither Pneumonia nor No Finding (--nih-other=negative keeps them as NORMAL)"
 
 
@@ -152,10 +154,10 @@ def _read_split_lists(labels: LabelSource) -> tuple[dict[str, str], Path | None]
     return split_of, folder
 
 
-def _walk(root: Path, own_files: set[Path]) -> tuple[list[str], list[dict]]:
-    """Relative paths of the candidate files under `root` (linked folders followed, each real folder once),
-    and the skipped ones (hidden, not a regular file, the CSV and split lists themselves)."""
-    files, skipped = [], []
+def _walk(root: Path, own_files: set[Path]) -> tuple[dict[str, Path], list[dict]]:
+    """{printable relative path: path} of the candidate files under `root` (linked folders followed, each
+    real folder once), and the skipped ones (hidden, not a regular file, the CSV and split lists themselves)."""
+    files, skipped = {}, []
     seen = set()
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -175,11 +177,11 @@ def _walk(root: Path, own_files: set[Path]) -> tuple[list[str], list[dict]]:
             elif path.resolve() in own_files:
                 skipped.append({"path": rel, "reason": "the labels CSV or a split list"})
             else:
-                files.append(rel)
+                files[rel] = path
     return files, skipped
 
 
-def _name_index(files: list[str]) -> dict[str, list[str]]:
+def _name_index(files) -> dict[str, list[str]]:
     """Relative path, file name, and (for image-like names) the name without extension -> files."""
     index: dict[str, set[str]] = defaultdict(set)
     for rel in files:
@@ -227,9 +229,7 @@ def scan_labelled(src: Path, labels: LabelSource) -> Scan:
             continue
         others = sorted({m for k in keys for m in index[k]} - {rel})
         if len(keys) > 1 or others:
-            excluded.append({"path": rel, "reason": f"ambiguous: CSV value(s) {keys} also name {others[:3]}"
-                                                    f"{' ...' if len(others) > 3 else ''}; give paths relative "
-                                                    f"to --src in the CSV"})
+            excluded.append({"path": rel, "reason": AMBIGUOUS_REASON, "csv_values": keys, "also_named": others})
             continue
         key, file_rows = keys[0], rows[keys[0]]
         label, why = _label([r["label"] for r in file_rows], columns, labels.nih_other)
@@ -243,7 +243,7 @@ def scan_labelled(src: Path, labels: LabelSource) -> Scan:
         patient = next((r["patient"] for r in file_rows if r["patient"]), "")
         entries.append(Entry(rel, split, label, patient or PurePosixPath(rel).stem, "none",
                              split if lists_folder else "none",
-                             abs_path=str(root / rel), source_label=cell,
+                             abs_path=str(files[rel]), source_label=cell,
                              patient_from=f"CSV column {columns.patient_col!r}" if patient else FROM_FILE_NAME))
     if not entries:
         raise ShardsError(f"none of the {len(rows)} images listed in {labels.csv} is usable under {src} "

@@ -20,7 +20,7 @@ from test_make_shards import read_samples, write
 
 from pipelines.loaders import build_loader
 from pipelines.make_shards import LabelSource, make_shards
-from pipelines.make_shards.labels import NIH_OTHER_REASON
+from pipelines.make_shards.labels import AMBIGUOUS_REASON, NIH_OTHER_REASON
 from pipelines.make_shards.patients import hash_patient
 from pipelines.manifest import ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
@@ -272,6 +272,7 @@ def test_a_name_matching_two_files_is_excluded_as_ambiguous(tmp_path):
     manifest = make_shards(src, tmp_path / "out", labels=LabelSource(tmp_path / "l.csv", path_col="f", label_col="t",
                                                                      positive="1", test_fraction=0),
                            val_fraction=0, min_shards=1, progress=False)
-    assert sorted(e["path"] for e in manifest["excluded"]) == ["a/x.png", "b/x.png"]
-    assert all(e["reason"].startswith("ambiguous") for e in manifest["excluded"])
+    assert [(e["path"], e["csv_values"], e["also_named"]) for e in manifest["excluded"]] == [
+        ("a/x.png", ["x.png"], ["b/x.png"]), ("b/x.png", ["x.png"], ["a/x.png"])]
+    assert manifest["label_source"]["excluded"] == {AMBIGUOUS_REASON: 2}
     assert manifest["inputs"]["sharded"] == 4
