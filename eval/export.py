@@ -21,8 +21,9 @@ from pipelines.spec import PreprocessSpec
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 FORMATS = ("onnx", "torchscript")
-# A fixed opset so exports from different torch versions read the same; 18 is what the exporter emits
-# natively (an older one would be a downgrade conversion) and onnxruntime >= 1.14 runs it.
+# A fixed opset so exports from different torch versions read the same. 18 is the opset torch's ONNX function
+# library (torchlib) is written in, so no version conversion pass runs (torch 2.14's default, 20, adds one);
+# onnxruntime >= 1.14 runs it.
 ONNX_OPSET = 18
 
 

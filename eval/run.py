@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     threshold, threshold_info = choose_threshold(args, val_predictions)
-    calibration = fit_on_validation(val_predictions[2], val_predictions[1])
+    calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])
     metadata = R.load_sample_metadata(shards, args.split, manifest)
     report = R.build_report(
         keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     paths["gradcam_grid.png"] = write_gradcam_grid(model, shards, args.split, keys, labels, probs, threshold, spec,
                                                    out_dir / "gradcam_grid.png")
     paths["model_card.md"] = write_model_card(out_dir / "model_card.md", report, config_to_dict(cfg), meta, manifest)
-    if args.threshold == "val":
+    if args.threshold == "val" and shards.resolve() == Path(cfg.data.shards).resolve():
+        # Only the run's own validation split defines its operating point; other --shards stay a report.
         write_operating_point(run_dir, build_operating_point(
             threshold=threshold, threshold_info=threshold_info, calibration=calibration,
             model_sha256=report["provenance"]["sha256"]["model"],
