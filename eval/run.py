@@ -14,11 +14,14 @@ Multi-GPU / multi-process (each sample is predicted on one rank and counted exac
 (`--run-dir` is `--run` under torchrun, which would read `--run` as an abbreviation of its `--run-path`.)
 
 Loads `RUN_DIR/best/model.safetensors` with `best/config.yaml` and the preprocessing of `best/meta.json`,
-and writes `RUN_DIR/eval-<split>/`: report.json, report.md, predictions.csv, confusion_matrix.png,
-roc_curve.png, pr_curve.png (and val_predictions.csv when the threshold is chosen on validation).
+and writes `RUN_DIR/eval-<split>/`: report.json, report.md, model_card.md, predictions.csv (raw and calibrated
+probabilities), confusion_matrix.png, roc_curve.png, pr_curve.png, reliability_diagram.png, gradcam_grid.png
+(and val_predictions.csv for a split other than validation).
 `--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
 model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
-unchanged to the requested split; the test set is never used to pick it.
+unchanged to the requested split; the test set is never used to pick it. The calibration temperature is
+fitted on validation too (always); with `--threshold val` both are saved as the run's operating point,
+`RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
 Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
 unless `--allow-other-shards`; every report counts its samples that were in the model's training split
 (`provenance.data.in_training_split`, matched by content: see eval/provenance.py) and report.md opens with a
@@ -39,6 +42,10 @@ from torch import nn
 
 from eval import metrics as M
 from eval import report as R
+from eval.calibration import fit_on_validation
+from eval.gradcam import write_gradcam_grid
+from eval.inference import build_operating_point, write_operating_point
+from eval.model_card import write_model_card
 from eval.predict import TTA_DESCRIPTION, predict
 from eval.provenance import check_training_overlap, flag_report, other_shards_problem
 from pipelines.loaders import LOADERS, build_loader
@@ -191,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = other_shards_problem(meta, shards, run_dir, args.allow_other_shards)
     if problem:
         raise EvalError(problem)
-    for split in {args.split, cfg.data.val_split} if args.threshold == "val" else {args.split}:
+    # Validation is always predicted: the temperature (and, with --threshold val, the threshold) is fitted there.
+    for split in {args.split, cfg.data.val_split}:
         if split not in manifest["splits"]:
             raise EvalError(f"split {split!r} is not in {shards / 'manifest.json'} "
                             f"(it has {', '.join(sorted(manifest['splits']))})")
@@ -212,29 +220,39 @@ def main(argv: list[str] | None = None) -> int:
 
     loader = loader_for(args.split)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
-    val_predictions = None
-    if args.threshold == "val":
-        val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
-            predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
+    val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
+        predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
     if not accelerator.is_main_process:
         # The gather above was the last collective: no barrier here, so an error on rank 0 (e.g. a one-class
         # validation split) ends the job instead of leaving the other ranks waiting for it.
         return 0
 
     threshold, threshold_info = choose_threshold(args, val_predictions)
+    calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])
     data_check = check_training_overlap(meta, run_dir / "best", shards, manifest,
-                                        [args.split] + ([cfg.data.val_split] if val_predictions else []),
-                                        args.allow_other_shards)
+                                        [args.split, cfg.data.val_split], args.allow_other_shards)
     metadata = R.load_sample_metadata(shards, args.split, manifest)
     report = R.build_report(
         keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
         metadata=metadata, n_resamples=args.bootstrap, seed=args.seed, tta_probs=tta_probs,
         tta_description=TTA_DESCRIPTION,
-        provenance={**provenance(args, run_dir, shards, cfg, meta, loader, accelerator), "data": data_check})
+        provenance={**provenance(args, run_dir, shards, cfg, meta, loader, accelerator), "data": data_check},
+        calibration=calibration)
     out_dir = args.out or run_dir / f"eval-{args.split}"
     paths = R.write_report(out_dir, report, keys, labels, probs, metadata, tta_probs=tta_probs)
     flag_report(paths["report.md"], data_check)
-    if val_predictions is not None and args.split != cfg.data.val_split:
+    paths["gradcam_grid.png"] = write_gradcam_grid(model, shards, args.split, keys, labels, probs, threshold, spec,
+                                                   out_dir / "gradcam_grid.png")
+    paths["model_card.md"] = write_model_card(out_dir / "model_card.md", report, config_to_dict(cfg), meta, manifest)
+    if args.threshold == "val" and shards.resolve() == Path(cfg.data.shards).resolve():
+        # Only the run's own validation split defines its operating point; other --shards stay a report.
+        write_operating_point(run_dir, build_operating_point(
+            threshold=threshold, threshold_info=threshold_info, calibration=calibration,
+            model_sha256=report["provenance"]["sha256"]["model"],
+            source={"split": cfg.data.val_split, "samples": threshold_info["validation"]["samples"], "shards": str(shards),
+                    "manifest_sha256": report["provenance"]["sha256"]["manifest"], "loader": loader.name,
+                    "by": report["provenance"]["command"]}))
+    if args.split != cfg.data.val_split:
         val_keys, val_probs, val_labels, _ = val_predictions
         R.write_predictions_csv(out_dir / "val_predictions.csv", val_keys, val_labels, val_probs, threshold,
                                 R.load_sample_metadata(shards, cfg.data.val_split, manifest))

@@ -43,6 +43,7 @@ class Converted:
     histograms: dict[str, np.ndarray]
     passthrough: int = 0
     rejected: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)  # converted, with a note (e.g. DICOM without body part)
 
 
 def _to_gray(image):
@@ -70,19 +71,15 @@ def _to_gray(image):
     raise Rejected(f"unsupported image mode {mode}")
 
 
-def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int = MAX_PIXELS):
-    """Validate and convert one encoded image.
+def _target_size(width: int, height: int, max_side: int) -> tuple[float, tuple[int, int]]:
+    scale = max_side / max(width, height) if max_side and max(width, height) > max_side else 1.0
+    return scale, (max(1, round(width * scale)), max(1, round(height * scale)))
 
-    Returns `(jpeg_bytes, info)` with info `{width, height, mode, format, orientation, stored_width,
-    stored_height, passthrough, histogram}`; raises `Rejected` with the reason for anything unusable.
-    An EXIF orientation is applied here, once: the stored pixels are upright and carry no orientation tag,
-    because DALI's decoder honours the tag and PIL's does not, so a tagged file would reach the two loaders
-    (and `verify_shards`) rotated differently. `width`/`height` are the file's, before that rotation.
-    """
+
+def _open_pil(data: bytes, *, max_side: int, max_pixels: int):
+    """Decode a PNG/JPEG/... with PIL: (8-bit gray image, target size, passthrough, info)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if not data:
-        raise Rejected("zero-byte file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -98,8 +95,7 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
                        f"{max_pixels:,}")
     if width < 1 or height < 1:
         raise Rejected(f"empty image ({width}x{height})")
-    scale = max_side / max(width, height) if max_side and max(width, height) > max_side else 1.0
-    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    scale, target = _target_size(width, height, max_side)
     try:
         orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels are usable, the tag is not (0 below)
@@ -116,7 +112,44 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
         image = ImageOps.exif_transpose(image)
         if orientation in TRANSPOSED_ORIENTATIONS:
             target = target[::-1]
-    gray = _to_gray(image)
+    info = {"width": width, "height": height, "mode": source_mode, "format": source_format,
+            "orientation": orientation}
+    return _to_gray(image), target, passthrough, info
+
+
+def _open_dicom(data: bytes, *, max_side: int, max_pixels: int):
+    """Decode a DICOM file (see `dicom`): (8-bit gray image, target size, False, info)."""
+    from PIL import Image
+
+    from pipelines.make_shards import dicom  # imports this module: not at the top
+
+    pixels, info = dicom.decode(data, max_pixels=max_pixels)
+    _, target = _target_size(info["width"], info["height"], max_side)
+    spacing = info["dicom"]["pixel_spacing_mm"]
+    # The spacing of the stored (resized) pixels, so a model or a reader can measure in mm.
+    info["dicom"]["stored_pixel_spacing_mm"] = None if spacing is None else [
+        round(spacing[0] * info["height"] / target[1], 6), round(spacing[1] * info["width"] / target[0], 6)]
+    return Image.fromarray(pixels, "L"), target, False, info
+
+
+def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int = MAX_PIXELS):
+    """Validate and convert one encoded image (a DICOM file is recognised by its preamble, not its name).
+
+    Returns `(jpeg_bytes, info)` with info `{width, height, mode, format, orientation, stored_width,
+    stored_height, passthrough, histogram}` (and `dicom`, `warnings` for DICOM); raises `Rejected` with the
+    reason for anything unusable.
+    An EXIF orientation is applied here, once: the stored pixels are upright and carry no orientation tag,
+    because DALI's decoder honours the tag and PIL's does not, so a tagged file would reach the two loaders
+    (and `verify_shards`) rotated differently. `width`/`height` are the file's, before that rotation.
+    """
+    from PIL import Image
+
+    from pipelines.make_shards.dicom import is_dicom
+
+    if not data:
+        raise Rejected("zero-byte file")
+    opener = _open_dicom if is_dicom(data) else _open_pil
+    gray, target, passthrough, info = opener(data, max_side=max_side, max_pixels=max_pixels)
     if gray.size != target:
         gray = gray.resize(target, Image.Resampling.BILINEAR, reducing_gap=None)
     low, high = gray.getextrema()
@@ -128,10 +161,8 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
         buffer = io.BytesIO()
         gray.save(buffer, "JPEG", quality=quality)
         encoded = buffer.getvalue()
-    info = {"width": width, "height": height, "mode": source_mode, "format": source_format,
-            "orientation": orientation, "stored_width": target[0], "stored_height": target[1],
-            "passthrough": passthrough,
-            "histogram": gray.histogram()}
+    info.update(stored_width=target[0], stored_height=target[1], passthrough=passthrough,
+                histogram=gray.histogram())
     return encoded, info
 
 
@@ -153,14 +184,19 @@ def _read_input(entry: Entry, seed: int, synthetic_size: int) -> bytes:
 
 
 def hash_task(entry: Entry):
-    """Worker body: `(sha256, None)` or `(None, reason)` for an unreadable or empty file."""
+    """Worker body: `(sha256, None, PatientID)` or `(None, reason, None)` for an unreadable or empty file.
+
+    The DICOM header's PatientID is read here, while the bytes are in memory, because the split (which
+    needs it) comes before the conversion; None for other files."""
+    from pipelines.make_shards.dicom import header_patient_id
+
     try:
         data = read_regular_file(entry.abs_path)
     except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
+        return None, f"unreadable: {exc.strerror or exc}", None
     if not data:
-        return None, "zero-byte file"
-    return hashlib.sha256(data).hexdigest(), None
+        return None, "zero-byte file", None
+    return hashlib.sha256(data).hexdigest(), None, header_patient_id(data)
 
 
 def convert_task(task):
@@ -204,17 +240,30 @@ def start_pool(workers: int):
     return multiprocessing.get_context("spawn").Pool(workers)
 
 
-def hash_inputs(entries: list[Entry], pool, workers: int, progress: bool) -> tuple[list[Entry], list[str], list[dict]]:
-    """(readable entries, their sha256, rejected records) for files on disk."""
-    readable, hashes, rejected = [], [], []
-    for entry, (digest, error) in zip(entries, parallel_map(hash_task, entries, pool, workers, "hash", progress),
-                                      strict=True):
+@dataclass
+class Hashed:
+    """Stage 2's result: the readable entries, their sha256, the DICOM PatientID of each DICOM file (by
+    path) and the rejected records."""
+
+    readable: list[Entry]
+    hashes: list[str]
+    header_patients: dict[str, str]
+    rejected: list[dict]
+
+
+def hash_inputs(entries: list[Entry], pool, workers: int, progress: bool) -> Hashed:
+    """Read and hash every file on disk (and note DICOM PatientIDs)."""
+    hashed = Hashed([], [], {}, [])
+    for entry, (digest, error, patient) in zip(
+            entries, parallel_map(hash_task, entries, pool, workers, "hash", progress), strict=True):
         if error:
-            rejected.append({"path": entry.path, "reason": error})
-        else:
-            readable.append(entry)
-            hashes.append(digest)
-    return readable, hashes, rejected
+            hashed.rejected.append({"path": entry.path, "reason": error})
+            continue
+        hashed.readable.append(entry)
+        hashed.hashes.append(digest)
+        if patient is not None:
+            hashed.header_patients[entry.path] = patient
+    return hashed
 
 
 def convert_all(ordered: list[Entry], tmp: Path, *, max_side: int, quality: int, seed: int, synthetic_size: int,
@@ -237,6 +286,7 @@ def convert_all(ordered: list[Entry], tmp: Path, *, max_side: int, quality: int,
             handle.write(encoded)
             converted.histograms[entry.split] += np.asarray(info.pop("histogram"), np.int64)
             converted.passthrough += info["passthrough"]
+            converted.warnings += [{"path": entry.path, "warning": w} for w in info.pop("warnings", [])]
     finally:
         for handle in handles.values():
             handle.close()

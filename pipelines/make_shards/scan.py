@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.manifest import LABELS, SPLITS, ShardsError
 from pipelines.synthetic import plan_synthetic
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+# A DICOM is recognised by its preamble whatever its name; these are the names looked at.
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
+FROM_FILE_NAME = "file name"
 LAYOUT = ("expected the Kaggle layout chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg "
           "(pass the folder that contains chest_xray/ or chest_xray/ itself)")
 
@@ -27,15 +29,25 @@ class Entry:
     source_split: str
     abs_path: str = ""  # empty for synthetic inputs
     synthetic_index: int = -1
+    patient_from: str = FROM_FILE_NAME  # or "CSV column 'X'" / "DICOM PatientID": those are hashed (`patients`)
+    source_label: str = ""  # a labels CSV's cell(s) the label came from, kept in the sample json
 
 
 @dataclass(frozen=True)
 class Scan:
-    """What the scan found: `source` is what the manifest records (the resolved root, or "synthetic")."""
+    """What the scan found: `source` is what the manifest records (the resolved root, or "synthetic").
+
+    A labels-CSV source also has `excluded` (files listed but left out by a label or split rule),
+    `missing` (listed, no such file: not an input file), `label_source` (how the CSV was read) and
+    `test_fraction` (the share of train patients `split` moves to test: a source without official splits)."""
 
     source: str
     entries: list[Entry]
     skipped: list[dict]
+    excluded: list[dict] = field(default_factory=list)
+    missing: list[dict] = field(default_factory=list)
+    label_source: dict | None = None
+    test_fraction: float = 0.0
 
 
 _PATIENT_PATTERNS = (
@@ -158,7 +170,7 @@ def scan_source(src: Path) -> tuple[Path, list[Entry], list[dict]]:
                         entries.append(Entry(rel(path), split, LABELS.index(label_name), display(patient), subtype,
                                              split, abs_path=str(path)))
     if not entries:
-        raise ShardsError(f"no images (.jpeg/.jpg/.png) found under {display(root)}; {LAYOUT}")
+        raise ShardsError(f"no images ({'/'.join(sorted(IMAGE_SUFFIXES))}) found under {display(root)}; {LAYOUT}")
     return root, entries, skipped
 
 

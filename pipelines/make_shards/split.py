@@ -1,5 +1,5 @@
-"""Stage 3, dedupe and split: one copy of each byte-identical image, val carved from train by patient, and the
-seeded order in which each split is written."""
+"""Stage 3, dedupe and split: one copy of each byte-identical image, test (for a labels CSV without official
+split lists) and val carved from train by patient, and the seeded order in which each split is written."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pipelines.manifest import LABELS, SPLITS
 # A source val split smaller than this is not a usable validation set (Kaggle's has 16 images).
 MIN_SOURCE_VAL = 100
 LABEL_CONFLICT_CHOICES = ("drop", "keep-first")
+# Separate random streams per carved split, so adding a test carve-out leaves the val draw's seed alone.
+_CARVE_STREAMS = {"val": 0xCA4E, "test": 0x7E57}
 
 
 def remove_duplicates(entries: list[Entry], hashes: list[str], *, on_label_conflict: str = "drop"
@@ -49,9 +51,9 @@ def remove_duplicates(entries: list[Entry], hashes: list[str], *, on_label_confl
     return [e for e in entries if e.path not in removed_paths], duplicates, conflicts
 
 
-def carve_val_by_patient(entries: list[Entry], val_fraction: float, seed: int) -> list[Entry]:
-    """Move whole train patients to val until each class has `val_fraction` of its train images there."""
-    rng = np.random.default_rng([seed, 0xCA4E])
+def carve_by_patient(entries: list[Entry], fraction: float, seed: int, *, to_split: str = "val") -> list[Entry]:
+    """Move whole train patients to `to_split` until each class has `fraction` of its train images there."""
+    rng = np.random.default_rng([seed, _CARVE_STREAMS[to_split]])
     images_of: dict[str, list[Entry]] = defaultdict(list)
     for entry in entries:
         if entry.split == "train":
@@ -61,24 +63,28 @@ def carve_val_by_patient(entries: list[Entry], val_fraction: float, seed: int) -
         # A patient belongs to the class most of its images have (Kermany patients have one class).
         patients = sorted(p for p, imgs in images_of.items()
                           if Counter(e.label for e in imgs).most_common(1)[0][0] == label)
-        wanted = val_fraction * sum(len(images_of[p]) for p in patients)
+        wanted = fraction * sum(len(images_of[p]) for p in patients)
         taken = 0
         for i in rng.permutation(len(patients)):
             if taken >= wanted:
                 break
             moved.add(patients[i])
             taken += len(images_of[patients[i]])
-    return [replace(e, split="val") if e.split == "train" and e.patient in moved else e for e in entries]
+    return [replace(e, split=to_split) if e.split == "train" and e.patient in moved else e for e in entries]
 
 
-def assign_splits(entries: list[Entry], *, carve_val: bool | None, val_fraction: float, seed: int) -> list[Entry]:
-    """Official splits, or (see `make_shards`'s `carve_val`) the source val merged into train and carved anew."""
+def assign_splits(entries: list[Entry], *, carve_val: bool | None, val_fraction: float, seed: int,
+                  test_fraction: float = 0.0) -> list[Entry]:
+    """Official splits, or (see `make_shards`'s `carve_val`) the source val merged into train and carved anew;
+    `test_fraction` first carves a test split from train by patient (sources without an official one)."""
+    if test_fraction > 0:
+        entries = carve_by_patient(entries, test_fraction, seed, to_split="test")
     source_val = sum(e.split == "val" for e in entries)
     if not (carve_val or (carve_val is None and source_val < MIN_SOURCE_VAL and val_fraction > 0)):
         return entries
     # The tiny source val split joins train first, so every image can land in the carved val.
     entries = [replace(e, split="train") if e.split == "val" else e for e in entries]
-    return carve_val_by_patient(entries, val_fraction, seed)
+    return carve_by_patient(entries, val_fraction, seed)
 
 
 def shuffled(entries: list[Entry], seed: int) -> list[Entry]:

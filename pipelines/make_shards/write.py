@@ -29,11 +29,17 @@ def write_index(tar_path: Path, index_path: Path) -> None:
 
 
 def sample_meta(key: str, entry: Entry, info: dict) -> dict:
-    """The `<key>.json` member: where the image came from and its size before and after conversion."""
-    return {"key": key, "source": entry.path, "label": entry.label, "label_name": LABELS[entry.label],
+    """The `<key>.json` member: where the image came from and its size before and after conversion; for a
+    labels CSV the cell(s) the label came from, for DICOM the header facts `dicom.decode` reports."""
+    meta = {"key": key, "source": entry.path, "label": entry.label, "label_name": LABELS[entry.label],
             "patient": entry.patient, "subtype": entry.subtype, "source_split": entry.source_split,
             "width": info["width"], "height": info["height"], "mode": info["mode"], "orientation": info["orientation"],
             "stored_width": info["stored_width"], "stored_height": info["stored_height"]}
+    if entry.source_label:
+        meta["source_label"] = entry.source_label
+    if "dicom" in info:
+        meta["dicom"] = info["dicom"]
+    return meta
 
 
 def write_split(tmp: Path, split: str, accepted: list[tuple[Entry, int, int, dict]], spool: Path,

@@ -17,6 +17,7 @@ from _runs import train_env as offline_env
 from _wandb_offline import offline_run_summary
 from PIL import Image
 
+from eval import calibration as C
 from eval import metrics as M
 from eval import report as R
 from pipelines.make_shards import make_shards
@@ -41,7 +42,7 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = smoke_run / "eval-test"
     for name in ("report.json", "report.md", "predictions.csv", "val_predictions.csv", "confusion_matrix.png",
-                 "roc_curve.png", "pr_curve.png"):
+                 "roc_curve.png", "pr_curve.png", "reliability_diagram.png", "gradcam_grid.png", "model_card.md"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((Path(report["provenance"]["shards"]) / "manifest.json").read_text())
@@ -69,7 +70,15 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
     assert data["same_shards"] and data["valid"] and data["in_training_split"] == {"test": 0, "val": 0}
     assert "WARNING" not in (out / "report.md").read_text()
 
-    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
+    # Temperature fitted on the saved validation predictions only, and saved as the run's operating point.
+    assert report["calibration"]["temperature"] == pytest.approx(C.fit_on_validation(val["labels"], val["probs"])["temperature"])
+    np.testing.assert_allclose(test["calibrated_probs"], C.apply_temperature(test["probs"], report["calibration"]["temperature"]))
+    point = json.loads((smoke_run / "calibration.json").read_text())
+    assert point["threshold"] == report["threshold"]["value"] and point["temperature"] == report["calibration"]["temperature"]
+    assert point["model_sha256"] == report["provenance"]["sha256"]["model"] and point["source"]["split"] == "val"
+    assert f"{report['calibration']['test']['ece']['before']:.4f}" in (out / "model_card.md").read_text()
+
+    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png", "gradcam_grid.png"):
         with Image.open(out / name) as image:
             image.load()
             assert image.size[0] > 300 and image.size[1] > 300
@@ -83,7 +92,8 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
         if report["metrics"][key]["value"] is not None:
             assert summary[f"test/{key}"] == pytest.approx(report["metrics"][key]["value"]), key
     logged = {k.rsplit("/", 1)[0] for k in summary}  # media and tables are summarised as <key>/<field>
-    assert {"test/roc_curve_png", "test/pr_curve_png", "test/confusion_matrix_png", "test/predictions",
+    assert {"test/roc_curve_png", "test/pr_curve_png", "test/confusion_matrix_png", "test/gradcam_grid_png",
+            "test/reliability_diagram_png", "test/predictions",
             "test/roc_table", "test/pr_table", "test/confusion_matrix_table"} <= logged
 
 
@@ -107,7 +117,13 @@ def test_two_ranks_give_the_same_report_as_one(smoke_run, tmp_path):
     np.testing.assert_allclose(pa["probs"], pb["probs"], rtol=0, atol=1e-6)
 
 
+def _operating_point_bytes(run_dir: Path) -> bytes | None:
+    path = run_dir / "calibration.json"
+    return path.read_bytes() if path.is_file() else None
+
+
 def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
+    before = _operating_point_bytes(smoke_run)
     result = run_eval(smoke_run, "--split", "val", "--threshold", "0.5", "--wandb", "false", "--bootstrap", "50",
                       "--out", str(tmp_path / "val"), tmp=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -118,6 +134,9 @@ def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
     # The best model reproduces the validation AUROC training logged for its epoch.
     meta = json.loads((smoke_run / "best" / "meta.json").read_text())
     assert report["metrics"]["auroc"]["value"] == pytest.approx(meta["val_metrics"]["val/auroc"], abs=1e-6)
+    # A fixed threshold is not chosen on validation: the run's operating point is left as it was.
+    assert _operating_point_bytes(smoke_run) == before
+    assert report["calibration"]["temperature"] > 0 and "calibrated_probs" in preds
 
 
 def test_missing_best_model_is_a_clear_error(tmp_path, tiny_shards):

@@ -204,7 +204,7 @@ def test_a_fifo_swapped_in_after_the_scan_is_rejected_not_read(tmp_path):
     os.mkfifo(fifo)
     entry = Entry("chest_xray/train/NORMAL/IM-0001-0001.jpeg", "train", 0, "IM-0001", "none", "train",
                   abs_path=str(fifo))
-    assert hash_task(entry) == (None, "unreadable: not a regular file")
+    assert hash_task(entry) == (None, "unreadable: not a regular file", None)
     assert convert_task((entry, 512, 90, 0, 64)) == ("rejected", "unreadable: not a regular file")
 
 
