@@ -126,14 +126,9 @@ class _FakeRun:
 
 def test_wandb_source_pairs_training_and_eval_runs(monkeypatch, tmp_path):
     """The --wandb path against a stand-in for wandb.Api (no network here): filters, pairing, tables."""
-    import importlib.util
-
     import wandb
 
-    spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-    compare_runs = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "compare_runs", compare_runs)  # dataclasses resolve their module by name
-    spec.loader.exec_module(compare_runs)
+    from eval import compare as compare_runs
     history = [{"_step": 1, "train/loss": 0.9}, {"_step": 2, "epoch": 1, "val/auroc": 0.8, "train/loss": 0.7},
                {"_step": 4, "epoch": 2, "val/auroc": 0.75}]
     runs = [
