@@ -29,7 +29,7 @@ from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
-from train.launch import build_accelerator, configure_cuda_backends, input_dtype
+from train.launch import build_accelerator, configure_cuda_backends, input_dtype, launch_precision
 from train.loop import evaluate, train_one_epoch
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
@@ -48,6 +48,7 @@ class Derived:
     total_steps: int
     warmup_steps: int
     mixed_precision: str
+    precision_reason: str  # why this precision (launch request, device, CPU bf16 support)
     device: str
     loader: str
     loader_reason: str
@@ -136,6 +137,7 @@ def derive(cfg: Config, accelerator: Accelerator, train_loader) -> Derived:
         total_steps=total_steps,
         warmup_steps=min(total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch)),
         mixed_precision=accelerator.mixed_precision,
+        precision_reason=launch_precision().reason,
         device=str(accelerator.device),
         loader=train_loader.name,
         loader_reason=train_loader.reason,
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     derived = derive(cfg, accelerator, train_loader)
     accelerator.print(f"loader: {derived.loader} ({derived.loader_reason}); device {derived.device}, "
                       f"{derived.world_size} process(es), {torch.get_num_threads()} torch thread(s), "
-                      f"mixed precision {derived.mixed_precision}, "
+                      f"mixed precision {derived.mixed_precision} ({derived.precision_reason}), "
                       f"global batch {derived.global_batch_size}, {derived.steps_per_epoch} steps/epoch")
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
     state = TrainState()

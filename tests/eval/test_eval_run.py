@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-def run_eval(run_dir: Path, *args: str, tmp: Path, ranks: int = 1) -> subprocess.CompletedProcess:
-    env = offline_env(tmp)
+def run_eval(run_dir: Path, *args: str, tmp: Path, ranks: int = 1, **env_extra: str) -> subprocess.CompletedProcess:
+    env = offline_env(tmp, **env_extra)
     if ranks == 1:
         cmd = [sys.executable, "-m", "eval.run", "--run", str(run_dir), *args]
     else:
@@ -100,8 +100,10 @@ def test_two_ranks_give_the_same_report_as_one(smoke_run, tmp_path):
 
 
 def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
+    # In the precision training validated in (bf16 where the CPU has native bf16), as `accelerate launch` sets it.
+    trained_in = json.loads((smoke_run / "summary.json").read_text())["mixed_precision"]
     result = run_eval(smoke_run, "--split", "val", "--threshold", "0.5", "--wandb", "false", "--bootstrap", "50",
-                      "--out", str(tmp_path / "val"), tmp=tmp_path)
+                      "--out", str(tmp_path / "val"), tmp=tmp_path, ACCELERATE_MIXED_PRECISION=trained_in)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "val" / "report.json").read_text())
     assert report["threshold"] == {"value": 0.5, "method": "fixed"}
