@@ -2,7 +2,7 @@
 
     python -m eval.run --run runs/demo --split test
 
-    python -m eval.run --run RUN_DIR [--split test] [--shards DIR] [--threshold val|0.5|FLOAT]
+    python -m eval.run --run RUN_DIR [--split test|val-shifted] [--shards DIR] [--threshold val|0.5|FLOAT]
         [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
 
 Multi-GPU / multi-process (each sample is predicted on one rank and counted exactly once):
@@ -18,6 +18,9 @@ roc_curve.png, pr_curve.png (and val_predictions.csv when the threshold is chose
 `--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
 model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
 unchanged to the requested split; the test set is never used to pick it.
+`--split val-shifted` (any `<split>-shifted`) evaluates that split under the acquisition-shift proxy of
+pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; the threshold is
+still chosen on the clean validation split.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from eval import report as R
 from eval.predict import TTA_DESCRIPTION, predict
 from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
+from pipelines.shift import ShiftedBatches, base_split, describe
 from pipelines.spec import PreprocessSpec
 from train.config import Config, ConfigError, config_to_dict, read_config
 from train.launch import build_accelerator, input_dtype
@@ -54,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # `--run-dir` is the spelling for torchrun, whose own `--run-path` option claims the abbreviation `--run`.
     parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                         help="training run directory (train/run.py --run.dir)")
-    parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="split of the shards to evaluate, or <split>-shifted for it under the shift proxy "
+                             "(default: test)")
     parser.add_argument("--shards", type=Path, help="shards folder (default: the run's data.shards)")
     parser.add_argument("--threshold", default="val",
                         help="'val': choose on the validation split and apply unchanged; or a fixed number, e.g. 0.5")
@@ -166,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, meta, model = load_trained(run_dir)
     shards = args.shards or Path(cfg.data.shards)
     manifest = load_manifest(shards)
-    for split in {args.split, cfg.data.val_split} if args.threshold == "val" else {args.split}:
-        if split not in manifest["splits"]:
-            raise EvalError(f"split {split!r} is not in {shards / 'manifest.json'} "
+    split, shifted = base_split(args.split, manifest["splits"])
+    for needed in {split, cfg.data.val_split} if args.threshold == "val" else {split}:
+        if needed not in manifest["splits"]:
+            raise EvalError(f"split {needed!r} is not in {shards / 'manifest.json'} "
                             f"(it has {', '.join(sorted(manifest['splits']))})")
     accelerator = build_accelerator()
     model = model.to(accelerator.device)
@@ -185,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers,
             hw_decoder_load=cfg.data.hw_decoder_load, dtype=input_dtype(accelerator))
 
-    loader = loader_for(args.split)
+    loader = loader_for(split)
+    if shifted:
+        loader = ShiftedBatches(loader, mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
     val_predictions = None
     if args.threshold == "val":
@@ -197,11 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     threshold, threshold_info = choose_threshold(args, val_predictions)
-    metadata = R.load_sample_metadata(shards, args.split, manifest)
+    metadata = R.load_sample_metadata(shards, split, manifest)
+    origin = provenance(args, run_dir, shards, cfg, meta, loader, accelerator)
+    if shifted:
+        origin["shift"] = describe(cfg.data.shift_seed)
     report = R.build_report(
         keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
         metadata=metadata, n_resamples=args.bootstrap, seed=args.seed, tta_probs=tta_probs,
-        tta_description=TTA_DESCRIPTION, provenance=provenance(args, run_dir, shards, cfg, meta, loader, accelerator))
+        tta_description=TTA_DESCRIPTION, provenance=origin)
     out_dir = args.out or run_dir / f"eval-{args.split}"
     paths = R.write_report(out_dir, report, keys, labels, probs, metadata, tta_probs=tta_probs)
     if val_predictions is not None and args.split != cfg.data.val_split:

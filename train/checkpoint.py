@@ -34,7 +34,8 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
     wall_time_s: float = 0.0  # train + validation time of completed epochs, summed over every launch
-    best_auroc: float = float("-inf")
+    best_auroc: float = float("-inf")  # val AUROC of the best epoch
+    best_score: float = float("-inf")  # what train.select_by compares: val AUROC, or minus val NLL
     best_epoch: int = -1
     epochs_since_best: int = 0
     train_time_s: float = 0.0

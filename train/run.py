@@ -28,12 +28,15 @@ from pipelines.loaders import build_loader
 from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
+from train.ema import WeightEMA
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype, launch_precision
-from train.loop import evaluate, train_one_epoch
+from train.loop import train_one_epoch
+from train.mix import build_mixer
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
 from train.tracking import MetricsLogger
+from train.validate import selection_score, validate
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def loader_builds(train_loader, val_loader) -> dict:
 
 
 def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-        manifest_path: Path) -> None:
+        manifest_path: Path, ema: WeightEMA | None = None) -> None:
     run_dir = Path(cfg.run.dir)
     lr_for_step = partial(lr_at, total_steps=derived.total_steps, warmup_steps=derived.warmup_steps,
                           base_lr=cfg.optim.lr, schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -188,26 +191,33 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
     for epoch in range(state.epoch, cfg.train.epochs):
         # Checked before the epoch, so relaunching an early-stopped run does not train one more epoch.
         if patience and state.epochs_since_best >= patience:
-            accelerator.print(f"early stopping: val AUROC has not improved for {patience} epochs")
+            accelerator.print(f"early stopping: val {cfg.train.select_by} has not improved for {patience} epochs")
             break
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         train_metrics = train_one_epoch(
             model=model, loader=train_loader, optimizer=optimizer, loss_fn=loss_fn, accelerator=accelerator,
             state=state, lr_for_step=lr_for_step, grad_clip_norm=cfg.optim.grad_clip_norm,
-            log_every=cfg.log.log_every, logger=logger, progress=progress)
+            log_every=cfg.log.log_every, logger=logger, progress=progress, ema=ema,
+            mix=build_mixer(cfg.train, epoch=epoch, rank=accelerator.process_index))
         train_time = time.perf_counter() - epoch_start
-        val_metrics, labels, probs = evaluate(model, val_loader, accelerator)
+        # With an EMA, validation, model selection and best/ all use the averaged weights.
+        val_metrics, labels, probs = validate(
+            ema.module if ema is not None else model, val_loader, accelerator, mean=spec.mean, std=spec.std,
+            shift_seed=cfg.data.shift_seed if cfg.train.val_shifted else None)
         state.epoch = epoch + 1
         state.train_time_s += train_time
-        auroc = val_metrics["val/auroc"]
-        score = auroc if np.isfinite(auroc) else float("-inf")
-        if score > state.best_auroc or state.best_epoch < 0:
-            state.best_auroc, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
+        score = selection_score(val_metrics, cfg.train.select_by)
+        if score > state.best_score or state.best_epoch < 0:
+            state.best_score, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
+            auroc = val_metrics["val/auroc"]
+            state.best_auroc = auroc if np.isfinite(auroc) else float("-inf")
             if accelerator.is_main_process:
                 # Without keep_torch_compile=False a compiled model exports `_orig_mod.*` keys.
-                export_best(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, best_meta(cfg, spec, state, val_metrics,
-                                                                              manifest_path), run_dir)
+                best = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
+                meta = {**best_meta(cfg, spec, state, val_metrics, manifest_path),
+                        "weights": f"ema (decay {ema.decay})" if ema is not None else "raw"}
+                export_best(best, cfg, meta, run_dir)
         else:
             state.epochs_since_best += 1
         logger.log({**train_metrics, **val_metrics, "val/best_auroc": state.best_auroc,
@@ -242,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = WeightEMA(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.train.ema_decay)
+        accelerator.register_for_checkpointing(ema)  # after TrainState: custom states are saved by position
     resumed = try_resume(accelerator, run_dir, cfg.train.resume)
     if resumed is not None:
         loader_state = read_loader_state(accelerator, resumed)
@@ -253,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                            resumed_step=state.step)
     try:
         fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-            Path(cfg.data.shards) / "manifest.json")
+            Path(cfg.data.shards) / "manifest.json", ema)
         logger.summary({
             "best_val_auroc": state.best_auroc, "best_epoch": state.best_epoch, "epochs": state.epoch,
             "steps": state.step, "wall_time_s": state.wall_time_s,

@@ -116,7 +116,11 @@ def test_help_lists_every_key_with_its_meaning():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "train/run.py", "--help"], capture_output=True, text=True, check=True).stdout
+    from _runs import REPO, train_env
+
+    # train_env puts this checkout first on PYTHONPATH (the venv may hold an editable install of another one).
+    out = subprocess.run([sys.executable, "train/run.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         check=True, env=train_env(REPO)).stdout
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(
                 __import__("train.config", fromlist=["x"]), section.type)):
