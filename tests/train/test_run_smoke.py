@@ -56,7 +56,8 @@ def test_metrics_jsonl_has_train_val_and_perf_keys(smoke, tiny_shards):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     expected_val = load_manifest(tiny_shards)["splits"]["val"]["samples"]
     for key in ("val/loss", "val/accuracy", "val/precision", "val/recall", "val/specificity", "val/f1",
-                "val/auroc", "val/pr_auc"):
+                "val/auroc", "val/pr_auc", "val/youden_threshold", "val_shifted/auroc", "val_shifted/loss",
+                "val_shifted/sensitivity", "val_shifted/specificity"):
         assert key in val_rows[-1], key
     assert all(r["val/samples"] == expected_val for r in val_rows)  # every val sample counted exactly once
     steps = [r["step"] for r in records]
