@@ -86,8 +86,10 @@ def _random_affine(spec: PreprocessSpec):
     (torchvision's RandomAffine composes the same four)."""
     size = spec.image_size
     centre = [size / 2.0, size / 2.0]
-    zoom = fn.random.uniform(range=list(spec.train_affine_zoom))
-    matrix = fn.transforms.scale(scale=fn.stack(zoom, zoom), center=centre)
+    lo, hi = spec.train_affine_zoom
+    # DALI's uniform needs hi > lo; a fixed zoom (lo == hi) is a constant.
+    zoom = fn.stack(*[fn.random.uniform(range=[lo, hi])] * 2) if hi > lo else [lo, lo]
+    matrix = fn.transforms.scale(scale=zoom, center=centre)
     if spec.train_rotate_deg > 0:
         degrees = spec.train_rotate_deg
         matrix = fn.transforms.rotation(matrix, angle=fn.random.uniform(range=[-degrees, degrees]), center=centre)
