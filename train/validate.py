@@ -23,20 +23,33 @@ from train.loop import evaluate, nll
 
 
 class KeptBatches:
-    """Iterates a loader and keeps what it yielded (`.kept`) for a second pass without decoding again."""
+    """A loader that keeps the batches of its first pass and replays them on the next one (no decoding).
+
+    Other attributes (`shards`, `name`, ...) are the loader's, so a prediction pass can check the keys it got
+    against the split's either way.
+    """
 
     def __init__(self, loader):
         self.loader = loader
-        self.kept: list[Batch] = []
+        self.kept: list[Batch] | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        self.kept = []
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept = []
         for batch in self.loader:
-            self.kept.append(batch)
+            kept.append(batch)
             yield batch
+        self.kept = kept
+
+    def __getattr__(self, name: str):
+        if name == "loader":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 def transferred_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -66,8 +79,7 @@ def validate(model: nn.Module, val_loader, accelerator: Accelerator, *, shift_se
         return metrics, labels, probs
     threshold = transferred_threshold(labels, probs)
     _, shifted_probs, shifted_labels, _ = predict(
-        model, ShiftedBatches(kept.kept, mean=mean, std=std, seed=shift_seed), accelerator, tta=False)
-    kept.kept = []  # free the held batches before training resumes
+        model, ShiftedBatches(kept, mean=mean, std=std, seed=shift_seed), accelerator, tta=False)
     metrics["val/youden_threshold"] = threshold
     metrics.update(shifted_metrics(shifted_labels, shifted_probs, threshold))
     return metrics, labels, probs

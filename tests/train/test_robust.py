@@ -139,9 +139,18 @@ def test_selection_and_shifted_metrics():
 
 
 def test_kept_batches_replay_what_the_loader_gave():
-    batches = [object(), object()]
-    kept = KeptBatches(batches)
-    assert list(kept) == batches and kept.kept == batches and len(kept) == 2
+    class Once(list):
+        name = "dali"
+
+        def __iter__(self):
+            assert not getattr(self, "used", False), "the loader was read twice"
+            self.used = True
+            return super().__iter__()
+
+    items = [object(), object()]
+    kept = KeptBatches(Once(items))
+    assert list(kept) == items and len(kept) == 2 and kept.name == "dali"
+    assert list(kept) == kept.kept == items  # the second pass replays, not re-reads
 
 
 @pytest.fixture(scope="module")
