@@ -43,6 +43,7 @@ def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
 class Precision:
     mixed_precision: str  # what Accelerate runs: "no", "bf16" or "fp16"
     reason: str  # one line for the run log
+    fell_back: bool = False  # the launch asked for mixed precision this device cannot run fast (warned about)
 
 
 def choose_precision(requested: str, on_cpu: bool, cpu_bf16: tuple[bool, str]) -> Precision:
@@ -59,7 +60,8 @@ def choose_precision(requested: str, on_cpu: bool, cpu_bf16: tuple[bool, str]) -
     if requested == "bf16" and native:
         return Precision("bf16", f"bf16 requested by the launch config and this CPU has native bf16 ({why})")
     detail = why if requested == "bf16" else "fp16 has no fast CPU kernels"
-    return Precision("no", f"mixed_precision={requested} requested but this runs on CPU ({detail}): using fp32")
+    return Precision("no", f"mixed_precision={requested} requested but this runs on CPU ({detail}): using fp32",
+                     fell_back=True)
 
 
 def _on_cpu() -> bool:
@@ -77,7 +79,7 @@ def launch_precision() -> Precision:
 def build_accelerator(**kwargs) -> Accelerator:
     """An Accelerator with the launch's mixed precision on GPU; on CPU bf16 where native, else fp32 (warning)."""
     precision = launch_precision()
-    if precision.mixed_precision == "no" and precision.reason.endswith("using fp32"):
+    if precision.fell_back:
         warnings.warn(precision.reason, stacklevel=2)
     return Accelerator(cpu=_on_cpu(), mixed_precision=precision.mixed_precision, **kwargs)
 

@@ -28,8 +28,8 @@ from pipelines.loaders import build_loader
 from pipelines.manifest import LABELS, ShardsError, load_manifest
 from pipelines.spec import PreprocessSpec
 from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
-from train.ema import WeightEMA
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
+from train.ema import WeightEMA
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype, launch_precision
 from train.loop import train_one_epoch
 from train.mix import build_mixer

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train.config import ModelConfig
-from train.launch import choose_precision, cpu_bf16_support
+from train.launch import Precision, choose_precision, cpu_bf16_support
 from train.loop import train_step
 from train.model import build_model
 
@@ -32,10 +32,10 @@ def test_cpu_flags_decide_native_bf16(tmp_path):
 def test_precision_rule():
     assert choose_precision("bf16", on_cpu=True, cpu_bf16=(True, "flag")).mixed_precision == "bf16"
     fallback = choose_precision("bf16", on_cpu=True, cpu_bf16=(False, "no flag"))
-    assert fallback.mixed_precision == "no" and fallback.reason.endswith("using fp32") and "no flag" in fallback.reason
+    assert fallback.mixed_precision == "no" and fallback.fell_back and "no flag" in fallback.reason
     assert choose_precision("fp16", on_cpu=True, cpu_bf16=(True, "flag")).mixed_precision == "no"
     assert choose_precision("bf16", on_cpu=False, cpu_bf16=(False, "")).mixed_precision == "bf16"
-    assert choose_precision("no", on_cpu=True, cpu_bf16=(True, "flag")).mixed_precision == "no"
+    assert choose_precision("no", on_cpu=True, cpu_bf16=(True, "flag")) == Precision("no", "fp32: no mixed precision requested")
 
 
 def _losses(bf16: bool, steps: int) -> tuple[list[float], set[torch.dtype]]:

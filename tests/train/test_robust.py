@@ -113,7 +113,7 @@ def test_ema_follows_the_weights_with_its_decay():
     assert restored.updates == 1 and torch.equal(restored.module[0].weight, ema.module[0].weight)
 
 
-def _saved(state) -> "object":
+def _saved(state) -> object:
     import io
 
     buffer = io.BytesIO()
