@@ -55,6 +55,10 @@ def predict(model: nn.Module, loader, accelerator: Accelerator, tta: bool):
     probs_np = torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)
     labels_np = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64)
     out_keys, out_probs, out_labels = gather_predictions(keys, probs_np, labels_np)
+    shards = getattr(loader, "shards", None)
+    if shards is not None:
+        # Every sample of the split predicted exactly once, or the run fails naming the shard it missed.
+        shards.check_keys(out_keys)
     out_tta = None
     if tta:
         tta_np = torch.cat(tta_probs).cpu().numpy() if tta_probs else np.zeros(0, np.float32)

@@ -3,7 +3,7 @@
 `build_report` is a pure function of the predictions (plus the threshold and how it was chosen), so
 `report.json` can be recomputed from `predictions.csv` alone; `write_report` writes the folder
 `RUN_DIR/eval-<split>/`: report.json, report.md, predictions.csv, confusion_matrix.png, roc_curve.png,
-pr_curve.png. Plots use matplotlib's object API (`Figure`), never pyplot, so no global backend is
+pr_curve.png, and reliability_diagram.png when the report holds a calibration (`eval.calibration`). Plots use matplotlib's object API (`Figure`), never pyplot, so no global backend is
 touched and nothing needs a display.
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from eval import calibration as C
 from eval import metrics as M
 from pipelines.manifest import LABELS
+from pipelines.shards import resolve_split
 
 REPORT_VERSION = 1
 PREDICTION_FIELDS = ("key", "label", "probability", "prediction", "source", "subtype")
@@ -35,8 +35,6 @@ METRIC_TITLES = {
     "auroc": "AUROC",
     "pr_auc": "Average precision (PR-AUC)",
 }
-# webdataset's rule: the key is the member path up to the first dot of its file name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -45,30 +43,10 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def load_sample_metadata(shards_dir: str | Path, split: str, manifest: dict | None = None) -> dict[str, dict]:
     """`{key: {source, subtype, ...}}` from the `.json` member of every sample of `split`'s shards.
 
-    Reads the tars with `tarfile`: only the small json members are decoded and the JPEG members are
-    skipped by seeking, so this costs a fraction of a decode pass.
+    Reads through `pipelines.shards` (the loaders' checks of the split, only the small json members
+    decoded), so a shard that disagrees with the manifest is a `ShardsError` naming it.
     """
-    from pipelines.manifest import load_manifest
-
-    shards_dir = Path(shards_dir)
-    manifest = manifest if manifest is not None else load_manifest(shards_dir)
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ValueError(
-            f"split {split!r} is not in {shards_dir / 'manifest.json'} (it has {', '.join(sorted(splits)) or 'none'})"
-        )
-    metadata: dict[str, dict] = {}
-    for shard in splits[split]["shards"]:
-        tar_path = shards_dir / shard["tar"]
-        if not tar_path.is_file():
-            raise FileNotFoundError(f"shard {tar_path} listed in {shards_dir / 'manifest.json'} is missing; rebuild the shards")
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                match = _KEY_EXT.match(member.name)
-                if not member.isfile() or match is None or match.group(2) != "json":
-                    continue
-                metadata[match.group(1)] = json.loads(tar.extractfile(member).read())
-    return metadata
+    return resolve_split(shards_dir, split, manifest=manifest).metadata()
 
 
 # --- the report -----------------------------------------------------------------------------------------
@@ -128,8 +106,13 @@ def build_report(
     tta_probs=None,
     tta_description: str = "",
     provenance: dict | None = None,
+    calibration: dict | None = None,
 ) -> dict:
-    """Everything `report.json` holds, computed from predictions only (NaN kept; see `write_report`)."""
+    """Everything `report.json` holds, computed from predictions only (NaN kept; see `write_report`).
+
+    `calibration`: `eval.calibration.fit_on_validation`'s result (temperature fitted on validation); the
+    report adds ECE, Brier and NLL before/after it on this split. The threshold stays on raw probabilities.
+    """
     keys = list(keys)
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -155,6 +138,8 @@ def build_report(
             **metrics_with_ci(labels, tta_probs, threshold, n_resamples=n_resamples, seed=seed),
             "subtypes": subtype_recall(keys, labels, tta_probs, threshold, metadata),
         }
+    if calibration is not None:
+        report["calibration"] = {**calibration, split: C.calibration_summary(labels, probs, calibration["temperature"])}
     report["provenance"] = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
     return report
 
@@ -162,8 +147,10 @@ def build_report(
 # --- predictions.csv ------------------------------------------------------------------------------------
 
 
-def write_predictions_csv(path, keys, labels, probs, threshold: float, metadata: dict[str, dict], tta_probs=None) -> None:
-    fields = list(PREDICTION_FIELDS) + (["probability_tta"] if tta_probs is not None else [])
+def write_predictions_csv(path, keys, labels, probs, threshold: float, metadata: dict[str, dict], tta_probs=None,
+                          calibrated_probs=None) -> None:
+    fields = list(PREDICTION_FIELDS) + (["probability_tta"] if tta_probs is not None else []) \
+        + (["calibrated_probability"] if calibrated_probs is not None else [])
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(fields)
@@ -174,11 +161,13 @@ def write_predictions_csv(path, keys, labels, probs, threshold: float, metadata:
                    meta.get("source", ""), meta.get("subtype", "")]
             if tta_probs is not None:
                 row.append(repr(float(tta_probs[i])))
+            if calibrated_probs is not None:
+                row.append(repr(float(calibrated_probs[i])))
             writer.writerow(row)
 
 
 def read_predictions_csv(path: str | Path) -> dict[str, Any]:
-    """`{keys, labels, probs, metadata[, tta_probs]}` as written by `write_predictions_csv`."""
+    """`{keys, labels, probs, metadata[, tta_probs][, calibrated_probs]}` as written by `write_predictions_csv`."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if rows and not set(PREDICTION_FIELDS) <= set(rows[0]):
@@ -191,13 +180,15 @@ def read_predictions_csv(path: str | Path) -> dict[str, Any]:
     }
     if rows and "probability_tta" in rows[0]:
         out["tta_probs"] = np.array([float(r["probability_tta"]) for r in rows], dtype=np.float64)
+    if rows and "calibrated_probability" in rows[0]:
+        out["calibrated_probs"] = np.array([float(r["calibrated_probability"]) for r in rows], dtype=np.float64)
     return out
 
 
 # --- plots ----------------------------------------------------------------------------------------------
 
 
-def _fmt_ci(entry: dict) -> str:
+def format_ci(entry: dict) -> str:
     value, (lo, hi) = entry["value"], entry["ci95"]
     if value is None or not math.isfinite(value):
         return "undefined"
@@ -232,7 +223,7 @@ def plot_roc(labels, probs, report: dict, path: str | Path) -> None:
         ax.text(0.5, 0.5, "ROC undefined:\n" + report["undefined"]["auroc"], ha="center", va="center", wrap=True)
     else:
         roc = M.roc_points(labels, probs)
-        ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUROC = {_fmt_ci(report['metrics']['auroc'])}")
+        ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUROC = {format_ci(report['metrics']['auroc'])}")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUROC = 0.5)")
         spec, sens = report["metrics"]["specificity"]["value"], report["metrics"]["recall"]["value"]
         ax.plot([1 - spec], [sens], "o", color="black",
@@ -253,7 +244,7 @@ def plot_pr(labels, probs, report: dict, path: str | Path) -> None:
         ax.text(0.5, 0.5, "PR curve undefined:\n" + report["undefined"]["pr_auc"], ha="center", va="center", wrap=True)
     else:
         pr = M.pr_points(labels, probs)
-        ax.step(pr["recall"], pr["precision"], where="post", lw=2, label=f"AP = {_fmt_ci(report['metrics']['pr_auc'])}")
+        ax.step(pr["recall"], pr["precision"], where="post", lw=2, label=f"AP = {format_ci(report['metrics']['pr_auc'])}")
         prevalence = report["positives"] / report["samples"]
         ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"prevalence (AP of chance) = {prevalence:.3f}")
         rec, prec = report["metrics"]["recall"]["value"], report["metrics"]["precision"]["value"]
@@ -271,6 +262,18 @@ def plot_pr(labels, probs, report: dict, path: str | Path) -> None:
 # --- report.md ------------------------------------------------------------------------------------------
 
 
+def metric_table(metrics: dict, header: str = "Value [95% CI]") -> list[str]:
+    return ["| Metric | " + header + " |", "|---|---|",
+            *[f"| {METRIC_TITLES[k]} | {format_ci(metrics[k])} |" for k in M.RATE_KEYS]]
+
+
+def subtype_table(subtypes: dict) -> list[str]:
+    lines = ["| PNEUMONIA subtype | Positives | Detected | Recall [95% Wilson CI] |", "|---|---|---|---|"]
+    for name, s in subtypes.items():
+        lines.append(f"| {name} | {s['positives']} | {s['detected']} | {format_ci({'value': s['recall'], 'ci95': s['ci95']})} |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     t = report["threshold"]
     how = {
@@ -284,10 +287,8 @@ def render_markdown(report: dict) -> str:
         f"{report['samples']} samples: {report['positives']} PNEUMONIA, {report['negatives']} NORMAL. "
         f"Decision threshold **{t['value']:.4g}** ({how}); a probability at or above it is called PNEUMONIA.",
         "",
-        "| Metric | Value [95% CI] |",
-        "|---|---|",
+        *metric_table(report["metrics"]),
     ]
-    lines += [f"| {METRIC_TITLES[k]} | {_fmt_ci(report['metrics'][k])} |" for k in M.RATE_KEYS]
     c = report["confusion"]
     lines += [
         "",
@@ -300,14 +301,13 @@ def render_markdown(report: dict) -> str:
         f"| True PNEUMONIA | {c['fn']} (FN) | {c['tp']} (TP) |",
     ]
     if report["subtypes"]:
-        lines += ["", "| PNEUMONIA subtype | Positives | Detected | Recall [95% Wilson CI] |", "|---|---|---|---|"]
-        for name, s in report["subtypes"].items():
-            lines.append(f"| {name} | {s['positives']} | {s['detected']} | {_fmt_ci({'value': s['recall'], 'ci95': s['ci95']})} |")
+        lines += ["", *subtype_table(report["subtypes"])]
     if "tta" in report:
         lines += ["", f"Test-time augmentation ({report['tta']['description']}; same threshold), reported separately: "
                   "the headline numbers above do not use it.", "",
-                  "| Metric | With TTA [95% CI] |", "|---|---|"]
-        lines += [f"| {METRIC_TITLES[k]} | {_fmt_ci(report['tta']['metrics'][k])} |" for k in M.RATE_KEYS]
+                  *metric_table(report["tta"]["metrics"], "With TTA [95% CI]")]
+    if "calibration" in report:
+        lines += ["", *render_calibration(report)]
     if report["undefined"]:
         lines += ["", "Undefined metrics:"] + [f"- {k}: {v}" for k, v in report["undefined"].items()]
     if "validation" in t:
@@ -318,6 +318,21 @@ def render_markdown(report: dict) -> str:
     if hashes:
         lines += ["", "Provenance (sha256):"] + [f"- {k}: `{v}`" for k, v in hashes.items()]
     return "\n".join(lines) + "\n"
+
+
+def render_calibration(report: dict) -> list[str]:
+    """Markdown lines: ECE, Brier and NLL of raw vs temperature-scaled probabilities on the fit and this split."""
+    cal = report["calibration"]
+    lines = [f"Calibration: temperature **T = {cal['temperature']:.4g}** fitted on the validation split "
+             f"(NLL), applied as softmax(logits / T); the decision threshold stays on the raw probability. "
+             f"ECE over {cal['bins']} equal-width bins of P(PNEUMONIA).", "",
+             "| Split | Probabilities | ECE | Brier | NLL |", "|---|---|---|---|---|"]
+    for split in dict.fromkeys(("val", report["split"])):
+        s = cal[split]
+        for which, name in (("before", "raw"), ("after", f"T = {cal['temperature']:.3g}")):
+            lines.append(f"| {split} (n = {s['samples']}) | {name} | {s['ece'][which]:.4f} | {s['brier'][which]:.4f} "
+                         f"| {s['nll'][which]:.4f} |")
+    return lines
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -331,10 +346,17 @@ def write_report(out_dir: str | Path, report: dict, keys, labels, probs, metadat
     probs = np.asarray(probs, dtype=np.float64)
     paths = {name: out_dir / name for name in (
         "report.json", "report.md", "predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png")}
-    write_predictions_csv(paths["predictions.csv"], keys, labels, probs, report["threshold"]["value"], metadata, tta_probs)
+    temperature = report["calibration"]["temperature"] if "calibration" in report else None
+    calibrated = C.apply_temperature(probs, temperature) if temperature is not None else None
+    write_predictions_csv(paths["predictions.csv"], keys, labels, probs, report["threshold"]["value"], metadata, tta_probs,
+                          calibrated)
     paths["report.json"].write_text(json.dumps(_finite_or_none(report), indent=2, allow_nan=False) + "\n")
     paths["report.md"].write_text(render_markdown(report))
     plot_confusion_matrix(report, paths["confusion_matrix.png"])
     plot_roc(labels, probs, report, paths["roc_curve.png"])
     plot_pr(labels, probs, report, paths["pr_curve.png"])
+    if temperature is not None:
+        paths["reliability_diagram.png"] = out_dir / "reliability_diagram.png"
+        C.plot_reliability_diagram(labels, probs, temperature, paths["reliability_diagram.png"],
+                                   f"Reliability, {report['split']} split (T fitted on val)")
     return paths

@@ -4,6 +4,7 @@
 
     python -m eval.run --run RUN_DIR [--split test|val-shifted] [--shards DIR] [--threshold val|0.5|FLOAT]
         [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
+        [--allow-other-shards]
 
 Multi-GPU / multi-process (each sample is predicted on one rank and counted exactly once):
 
@@ -13,14 +14,21 @@ Multi-GPU / multi-process (each sample is predicted on one rank and counted exac
 (`--run-dir` is `--run` under torchrun, which would read `--run` as an abbreviation of its `--run-path`.)
 
 Loads `RUN_DIR/best/model.safetensors` with `best/config.yaml` and the preprocessing of `best/meta.json`,
-and writes `RUN_DIR/eval-<split>/`: report.json, report.md, predictions.csv, confusion_matrix.png,
-roc_curve.png, pr_curve.png (and val_predictions.csv when the threshold is chosen on validation).
+and writes `RUN_DIR/eval-<split>/`: report.json, report.md, model_card.md, predictions.csv (raw and calibrated
+probabilities), confusion_matrix.png, roc_curve.png, pr_curve.png, reliability_diagram.png, gradcam_grid.png
+(and val_predictions.csv for a split other than validation).
 `--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
 model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
-unchanged to the requested split; the test set is never used to pick it.
+unchanged to the requested split; the test set is never used to pick it. The calibration temperature is
+fitted on validation too (always); with `--threshold val` both are saved as the run's operating point,
+`RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
 `--split val-shifted` (any `<split>-shifted`) evaluates that split under the acquisition-shift proxy of
-pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; the threshold is
-still chosen on the clean validation split.
+pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; threshold and
+temperature still come from the clean validation split (the Grad-CAM grid shows the unshifted images).
+Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
+unless `--allow-other-shards`; every report counts its samples that were in the model's training split
+(`provenance.data.in_training_split`, matched by content: see eval/provenance.py) and report.md opens with a
+warning when that is not 0.
 """
 
 from __future__ import annotations
@@ -37,7 +45,12 @@ from torch import nn
 
 from eval import metrics as M
 from eval import report as R
+from eval.calibration import fit_on_validation
+from eval.gradcam import write_gradcam_grid
+from eval.inference import build_operating_point, write_operating_point
+from eval.model_card import write_model_card
 from eval.predict import TTA_DESCRIPTION, predict
+from eval.provenance import check_training_overlap, flag_report, other_shards_problem
 from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
 from pipelines.shift import ShiftedBatches, base_split, describe
@@ -47,6 +60,7 @@ from train.launch import build_accelerator, input_dtype
 from train.model import build_model
 
 BEST_FILES = ("model.safetensors", "config.yaml", "meta.json")
+DAMAGED_BEST_FIX = "copy the run's best/ folder again from where it came from, or retrain the run"
 
 
 class EvalError(ValueError):
@@ -58,9 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # `--run-dir` is the spelling for torchrun, whose own `--run-path` option claims the abbreviation `--run`.
     parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                         help="training run directory (train/run.py --run.dir)")
-    parser.add_argument("--split", default="test",
-                        help="split of the shards to evaluate, or <split>-shifted for it under the shift proxy "
-                             "(default: test)")
+    parser.add_argument("--split", default="test", help="split of the shards to evaluate (default: test)")
     parser.add_argument("--shards", type=Path, help="shards folder (default: the run's data.shards)")
     parser.add_argument("--threshold", default="val",
                         help="'val': choose on the validation split and apply unchanged; or a fixed number, e.g. 0.5")
@@ -75,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--wandb", choices=("true", "false"), help="log a W&B eval run (default: the run's log.wandb)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval-<split>)")
+    parser.add_argument("--allow-other-shards", action="store_true",
+                        help="evaluate shards other than the model's training shards (manifest sha256 differs); "
+                             "the report counts evaluated samples that were in the training split")
     args = parser.parse_args(argv)
     if args.threshold != "val":
         try:
@@ -103,10 +118,16 @@ def load_trained(run_dir: Path) -> tuple[Config, dict, nn.Module]:
             f"train/run.py --config train/configs/<recipe>.yaml --run.dir={run_dir}` (best/ is written after the "
             "first validated epoch)")
     cfg = read_config(best / "config.yaml")
-    meta = json.loads((best / "meta.json").read_text())
+    try:
+        meta = json.loads((best / "meta.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{best / 'meta.json'} is damaged ({exc}); {DAMAGED_BEST_FIX}") from exc
     # Weights come from the run; a pretrained path in the config would only matter (and must exist) for init.
     model = build_model(dataclasses.replace(cfg.model, pretrained="", compile=False), cfg.data.channels)
-    state = load_file(str(best / "model.safetensors"))
+    try:
+        state = load_file(str(best / "model.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise EvalError(f"{best / 'model.safetensors'} is damaged ({exc}); {DAMAGED_BEST_FIX}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -115,12 +136,18 @@ def load_trained(run_dir: Path) -> tuple[Config, dict, nn.Module]:
     return cfg, meta, model
 
 
-def preprocess_spec(meta: dict, cfg: Config, manifest: dict) -> PreprocessSpec:
+def preprocess_spec(meta: dict, cfg: Config, manifest: dict, shards: Path | None = None) -> PreprocessSpec:
     """The exact spec training validated with (normalisation from the *training* shards), from meta.json."""
     if "spec" in meta:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()}
         return PreprocessSpec(**values)
-    return PreprocessSpec.from_config(cfg.data, manifest)
+    try:
+        return PreprocessSpec.from_config(cfg.data, manifest)
+    except ValueError as exc:  # a manifest with `stats: null` (or without mean/std)
+        where = shards / "manifest.json" if shards else "the shards' manifest.json"
+        raise EvalError(f"{where}: key 'stats' is {manifest.get('stats')!r}, not the training split's pixel mean/std, "
+                        "and best/meta.json has no 'spec' to take them from; evaluate on the shards the model was "
+                        "trained on, or rebuild these with scripts/make_shards.py") from exc
 
 
 def choose_threshold(args, val_predictions) -> tuple[float, dict]:
@@ -172,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, meta, model = load_trained(run_dir)
     shards = args.shards or Path(cfg.data.shards)
     manifest = load_manifest(shards)
+    problem = other_shards_problem(meta, shards, run_dir, args.allow_other_shards)
+    if problem:
+        raise EvalError(problem)
     split, shifted = base_split(args.split, manifest["splits"])
-    for needed in {split, cfg.data.val_split} if args.threshold == "val" else {split}:
+    # Validation is always predicted: the temperature (and, with --threshold val, the threshold) is fitted there.
+    for needed in {split, cfg.data.val_split}:
         if needed not in manifest["splits"]:
             raise EvalError(f"split {needed!r} is not in {shards / 'manifest.json'} "
                             f"(it has {', '.join(sorted(manifest['splits']))})")
@@ -181,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(accelerator.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    spec = preprocess_spec(meta, cfg, manifest)
+    spec = preprocess_spec(meta, cfg, manifest, shards)
 
     def loader_for(split: str):
         # Sharded by global rank; the loader pads so every rank has batches, gather_predictions de-duplicates.
@@ -196,16 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     if shifted:
         loader = ShiftedBatches(loader, mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
-    val_predictions = None
-    if args.threshold == "val":
-        val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
-            predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
+    val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
+        predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
     if not accelerator.is_main_process:
         # The gather above was the last collective: no barrier here, so an error on rank 0 (e.g. a one-class
         # validation split) ends the job instead of leaving the other ranks waiting for it.
         return 0
 
     threshold, threshold_info = choose_threshold(args, val_predictions)
+    calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])
+    data_check = check_training_overlap(meta, run_dir / "best", shards, manifest,
+                                        [split, cfg.data.val_split], args.allow_other_shards)
     metadata = R.load_sample_metadata(shards, split, manifest)
     origin = provenance(args, run_dir, shards, cfg, meta, loader, accelerator)
     if shifted:
@@ -213,10 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     report = R.build_report(
         keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
         metadata=metadata, n_resamples=args.bootstrap, seed=args.seed, tta_probs=tta_probs,
-        tta_description=TTA_DESCRIPTION, provenance=origin)
+        tta_description=TTA_DESCRIPTION,
+        provenance={**origin, "data": data_check},
+        calibration=calibration)
     out_dir = args.out or run_dir / f"eval-{args.split}"
     paths = R.write_report(out_dir, report, keys, labels, probs, metadata, tta_probs=tta_probs)
-    if val_predictions is not None and args.split != cfg.data.val_split:
+    flag_report(paths["report.md"], data_check)
+    paths["gradcam_grid.png"] = write_gradcam_grid(model, shards, split, keys, labels, probs, threshold, spec,
+                                                   out_dir / "gradcam_grid.png")
+    paths["model_card.md"] = write_model_card(out_dir / "model_card.md", report, config_to_dict(cfg), meta, manifest)
+    if args.threshold == "val" and shards.resolve() == Path(cfg.data.shards).resolve():
+        # Only the run's own validation split defines its operating point; other --shards stay a report.
+        write_operating_point(run_dir, build_operating_point(
+            threshold=threshold, threshold_info=threshold_info, calibration=calibration,
+            model_sha256=report["provenance"]["sha256"]["model"],
+            source={"split": cfg.data.val_split, "samples": threshold_info["validation"]["samples"], "shards": str(shards),
+                    "manifest_sha256": report["provenance"]["sha256"]["manifest"], "loader": loader.name,
+                    "by": report["provenance"]["command"]}))
+    if args.split != cfg.data.val_split:
         val_keys, val_probs, val_labels, _ = val_predictions
         R.write_predictions_csv(out_dir / "val_predictions.csv", val_keys, val_labels, val_probs, threshold,
                                 R.load_sample_metadata(shards, cfg.data.val_split, manifest))
@@ -232,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"W&B eval run: {wandb_dir}")
     print(paths["report.md"].read_text())
     print(f"evaluation written to {out_dir}")
+    if data_check["warning"]:
+        print(f"warning: {data_check['warning']}", file=sys.stderr)
     return 0
 
 

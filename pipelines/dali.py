@@ -21,7 +21,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
-from pipelines.plan import RankedLoader, SplitShards, rank_range, sample_key
+from pipelines.plan import RankedLoader, SplitShards, rank_range
+from pipelines.shards import parse_label, read_index, sample_key, split_key
 from pipelines.spec import PreprocessSpec
 
 _DALI_FLOAT = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
@@ -130,12 +131,25 @@ def _random_erase(images, prob: float):
                     axis_names="HW", fill_value=0.0)
 
 
-def _name_bad_sample(message: str) -> str | None:
-    """Turn DALI's "Underful sample ... index file at "X.idx" line N" into the shard and key it means."""
+def _name_bad_sample(message: str, shards: SplitShards) -> str | None:
+    """Turn DALI's index-file errors ("... index file at "X.idx" line N ...") into the shard and key they mean."""
     found = re.search(r'index file at "([^"]+)" line (\d+)', message)
     if not found:
         return None
     index, line = Path(found.group(1)), int(found.group(2))
+    shard = next((s for s in shards.shards if s.index == index), None)
+    try:
+        samples = read_index(index)
+        size = shard.tar.stat().st_size if shard else None
+    except (OSError, ShardsError):
+        return None
+    # DALI numbers lines differently per message, so a truncation is located from the index and the tar's
+    # size rather than from its line number.
+    beyond = next((i for i, parts in enumerate(samples) if size is not None and
+                   max(offset + length for _, offset, length in parts) > size), None)
+    if beyond is not None:
+        return (f"truncated tar: shard {shard.tar} is {size} bytes, its index places sample "
+                f"{split_key(shards.split, shard.first + beyond)} beyond that")
     try:
         fields = index.read_text().splitlines()[line].split()
     except (OSError, IndexError):
@@ -230,7 +244,7 @@ class DaliLoader(RankedLoader):
             self._restore, self._pipe = bytes(state), None
 
     def _error(self, exc: Exception) -> ShardsError:
-        named = _name_bad_sample(str(exc))
+        named = _name_bad_sample(str(exc), self.shards)
         if named:
             return ShardsError(f"{named}; {FIX_HINT.format(dir=self.shards.shards_dir)}")
         return ShardsError(
@@ -243,15 +257,11 @@ class DaliLoader(RankedLoader):
             images, cls, source = pipe.run()
         except RuntimeError as exc:
             raise self._error(exc) from exc
-        keys = [sample_key(bytes(source.at(i)).decode()) for i in range(len(source))]
-        labels = np.empty(len(keys), dtype=np.int64)
-        for i, key in enumerate(keys):
-            text = bytes(cls.at(i)).decode(errors="replace").strip()
-            if not text.isdigit():
-                tar = bytes(source.at(i)).decode().rsplit(":", 2)[0]
-                raise ShardsError(f"sample {key} in {tar} has a bad .cls ({text!r}, expected 0 or 1); "
-                                  f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
-            labels[i] = int(text)
+        sources = [bytes(source.at(i)).decode() for i in range(len(source))]
+        keys = [sample_key(info) for info in sources]
+        labels = np.array([parse_label(bytes(cls.at(i)), key=key, tar=info.rsplit(":", 2)[0],
+                                       shards_dir=self.shards.shards_dir)
+                           for i, (key, info) in enumerate(zip(keys, sources, strict=True))], dtype=np.int64)
         dense = images.as_tensor()
         out = torch.empty(dense.shape(), dtype=self._out_dtype(), device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

@@ -31,19 +31,22 @@ def _import_dali():
 def build_loader(shards_dir: str | Path, split: str, *, spec: PreprocessSpec, per_device_batch_size: int, train: bool,
                  loader: str = "auto", rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", seed: int = 0, num_workers: int = 2,
-                 dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65):
+                 dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65, verify_shards: bool = False):
     """Loader over `shards_dir/<split>` for one rank; see docs/architecture.md for the contract.
 
     `loader`: "dali", "torch", or "auto" (DALI when it imports, else the torch fallback). The
     choice and its reason are logged and kept in `.name`/`.reason`. `num_workers` is DALI's CPU
-    thread count or the DataLoader's worker processes.
+    thread count or the DataLoader's worker processes. `verify_shards`: re-hash the split's tars and
+    indexes against the manifest first (reads every byte; counts and sizes are checked regardless).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     if per_device_batch_size < 1:
         raise ValueError(f"per_device_batch_size must be >= 1, got {per_device_batch_size}")
     device = torch.device(device)
-    shards = resolve_split(shards_dir, split)
+    # Counts, sizes and indexes are always checked against the manifest (cheap); `verify_shards` also
+    # re-hashes every byte of the split.
+    shards = resolve_split(shards_dir, split, verify=verify_shards)
     dali_cls, why = (None, "") if loader == "torch" else _import_dali()
     if loader == "dali" and dali_cls is None:
         raise RuntimeError(f"loader 'dali' requested but {why}; install nvidia-dali-cuda120 or use loader 'torch'")

@@ -17,52 +17,12 @@ Both loaders follow this plan so DALI and the torch fallback yield the same batc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.manifest import FIX_HINT, ShardsError, load_manifest
-
-
-@dataclass(frozen=True)
-class SplitShards:
-    """A split's tar/index files (absolute paths, manifest order) and sample counts."""
-
-    shards_dir: Path
-    split: str
-    tars: tuple[Path, ...]
-    indexes: tuple[Path, ...]
-    samples: tuple[int, ...]
-    manifest: dict
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.samples)
-
-
-def resolve_split(shards_dir: str | Path, split: str) -> SplitShards:
-    """Read the manifest and check that the split's tars and indexes exist, naming the fix if not."""
-    shards_dir = Path(shards_dir)
-    manifest = load_manifest(shards_dir)
-    fix = FIX_HINT.format(dir=shards_dir)
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ShardsError(f"{shards_dir / 'manifest.json'} has no split {split!r} (has {sorted(splits)}); {fix}")
-    entries = splits[split].get("shards", [])
-    if not entries:
-        raise ShardsError(f"split {split!r} of {shards_dir} has no shards; {fix}")
-    tars, indexes, samples = [], [], []
-    for entry in entries:
-        tar, index = shards_dir / entry["tar"], shards_dir / entry["index"]
-        for path, what in ((tar, "shard"), (index, "DALI index (.idx)")):
-            if not path.is_file():
-                raise ShardsError(f"{what} {path} listed in {shards_dir / 'manifest.json'} is missing; {fix}")
-        tars.append(tar)
-        indexes.append(index)
-        samples.append(int(entry["samples"]))
-    return SplitShards(shards_dir, split, tuple(tars), tuple(indexes), tuple(samples), manifest)
+# The plan reads a split through the one shard-reading API; loaders import both names from here.
+from pipelines.shards import SplitShards, resolve_split  # noqa: F401 - resolve_split is re-exported
 
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -101,12 +61,6 @@ def real_batch_sizes(num_samples: int, per_device_batch_size: int, rank: int, wo
         return [per_device_batch_size] * count
     lo, hi = rank_range(num_samples, rank, world_size)
     return [max(0, min(per_device_batch_size, hi - lo - b * per_device_batch_size)) for b in range(count)]
-
-
-def sample_key(name: str) -> str:
-    """Sample key of a tar member or source-info string (`.../train-00000042.jpg` -> `train-00000042`)."""
-    base = name.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
-    return base.split(".", 1)[0]
 
 
 class RankedLoader:

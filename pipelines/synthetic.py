@@ -165,3 +165,58 @@ def encode_synthetic(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_
     buffer = io.BytesIO()
     Image.fromarray(render_synthetic(item, seed=seed, size=size), mode="L").save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
+
+
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+
+
+def dicom_dataset(pixels: np.ndarray, *, bits: int = 12, photometric: str = "MONOCHROME2", modality: str = "DX",
+                  patient: str | None = "PAT-0001", body_part: str | None = "CHEST", **attributes):
+    """A pydicom `Dataset` holding `pixels` (2-D uint16/int16, or 3-D with `NumberOfFrames=N`), uncompressed,
+    with any further DICOM `attributes` (`WindowCenter=...`, `PixelSpacing=[...]`); `None` leaves a tag out.
+    For tests and benchmarks: it writes what a modality would, so the reader has something real to parse."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DX_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = DX_STORAGE, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    if patient is not None:
+        ds.PatientID = patient
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def dicom_bytes(dataset, *, rle: bool = False) -> bytes:
+    """A DICOM Part 10 file of `dataset`; `rle` compresses it with pydicom's own RLE Lossless encoder."""
+    import io
+
+    from pydicom.uid import RLELossless
+
+    if rle:
+        dataset.compress(RLELossless)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def encode_synthetic_dicom(item: SyntheticItem, *, seed: int = 0, size: int = DEFAULT_SYNTHETIC_SIZE) -> bytes:
+    """The synthetic image as a 16-bit MONOCHROME1 DX file with a window, as a detector exports it: the 8-bit
+    render inverted and spread over 16 bits, with fine noise in the low bits."""
+    rng = np.random.default_rng([seed, item.index, 2])
+    image = render_synthetic(item, seed=seed, size=size).astype(np.float64)
+    stored = np.clip((255 - image) * 257 + rng.normal(0, 40, image.shape), 0, 65535).astype(np.uint16)
+    return dicom_bytes(dicom_dataset(stored, bits=16, photometric="MONOCHROME1", patient=item.patient,
+                                     WindowCenter=32768, WindowWidth=60000, ImagerPixelSpacing=[0.15, 0.15]))

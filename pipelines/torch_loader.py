@@ -22,6 +22,7 @@ from pipelines.augment import Equalize, RandomGamma, RandomNoise
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
 from pipelines.plan import RankedLoader, SplitShards, rank_range, tar_order
+from pipelines.shards import parse_label, split_key
 from pipelines.spec import PreprocessSpec
 
 
@@ -112,11 +113,19 @@ class _RankStream(IterableDataset):
             # The plan already picked this rank's tars (in the seeded epoch order) and every worker
             # needs all of them, so both splitters pass the list through unchanged.
             nodesplitter=lambda src: src, workersplitter=lambda src: src)
+        shard_of = {str(shard.tar): shard for shard in self.shards.shards}
         seen: dict[str, int] = {}
         for sample in dataset:
             url, key = sample["__url__"], sample["__key__"]
             position = starts[url] + seen.get(url, 0)
             seen[url] = seen.get(url, 0) + 1
+            # webdataset, like tarfile, ends a tar silently at a header that does not parse: a key out of the
+            # manifest's order (or a short count below) is how that shows, and it must not shrink an evaluation.
+            expected = split_key(self.shards.split, shard_of[url].first + seen[url] - 1)
+            if key != expected:
+                raise ShardsError(f"bad shard {url}: sample {key!r} where the manifest's order says {expected!r} "
+                                  f"(a tar header that does not parse, or a tar that disagrees with its index); "
+                                  f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
             if position < lo:
                 continue
             if position >= hi:
@@ -127,6 +136,11 @@ class _RankStream(IterableDataset):
                     raise ShardsError(f"sample {key} in shard {url} has no .{ext}; "
                                       f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
             yield sample
+        for url in urls:
+            if seen.get(url, 0) != shard_of[url].samples:
+                raise ShardsError(f"bad shard {url}: reading stops after {seen.get(url, 0)} of the manifest's "
+                                  f"{shard_of[url].samples} samples (a tar header that does not parse); "
+                                  f"{FIX_HINT.format(dir=self.shards.shards_dir)}")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         info = get_worker_info()
@@ -162,12 +176,11 @@ class _RankStream(IterableDataset):
             torch.set_rng_state(rng_state)
             for sample in samples:
                 url, key = sample["__url__"], sample["__key__"]
+                label = parse_label(sample["cls"], key=key, tar=url, shards_dir=self.shards.shards_dir)
                 try:
                     with Image.open(io.BytesIO(sample["jpg"])) as image:
                         gray = image.convert("L")
-                    text = sample["cls"].decode().strip()
-                    label = int(text)
-                except (OSError, ValueError, UnicodeDecodeError) as exc:
+                except (OSError, ValueError) as exc:
                     raise ShardsError(f"sample {key} in shard {url} cannot be read ({exc}); "
                                       f"{FIX_HINT.format(dir=self.shards.shards_dir)}") from exc
                 images.append(transform(gray))

@@ -56,6 +56,18 @@ def _curves(rows: list[dict]) -> tuple[list[tuple[float, float]], list[tuple[flo
     return val, loss
 
 
+def _read_mapping(path: Path, parse, fix: str) -> dict:
+    """A JSON/YAML file that must hold a mapping; any other content is a RunDirError naming the file and `fix`."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunDirError(f"{path} is unreadable ({why}); {fix}") from exc
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path} holds {type(value).__name__}, not a mapping; {fix}")
+    return value
+
+
 def load_local_run(run_dir: str | Path, split: str = "test") -> RunRecord:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -65,8 +77,11 @@ def load_local_run(run_dir: str | Path, split: str = "test") -> RunRecord:
         hint = " (summary.json is written when training finishes: did it crash or is it still running?)" \
             if "summary.json" in missing else ""
         raise RunDirError(f"run directory {run_dir} is incomplete: missing {', '.join(missing)}{hint}")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    summary = json.loads((run_dir / "summary.json").read_text())
+    config = _read_mapping(run_dir / "config.yaml", yaml.safe_load,
+                           f"it is the resolved config train/run.py writes; restore it from {run_dir / 'best' / 'config.yaml'}")
+    summary = _read_mapping(run_dir / "summary.json", json.loads,
+                            "train/run.py writes it when training finishes; relaunch the run's training command "
+                            "(it resumes, trains nothing more and rewrites it)")
     absent = [k for k in REQUIRED_SUMMARY if k not in summary]
     if absent:
         raise RunDirError(f"{run_dir / 'summary.json'} is incomplete: missing keys {', '.join(absent)}")

@@ -1,12 +1,20 @@
-"""Kaggle chest-X-ray folders (or a synthetic set) -> WebDataset shards + DALI indexes + manifest.json.
+"""Chest X-ray folders (Kaggle layout, or DICOM/PNG images named by a labels CSV) or a synthetic set ->
+WebDataset shards + DALI indexes + manifest.json.
 
     python scripts/make_shards.py --src ~/data/chest_xray --out shards/kermany --workers 2
-    python scripts/make_shards.py --synthetic 1200 --out shards/synthetic --overwrite
+    python scripts/make_shards.py --src ~/data/rsna/stage_2_train_images \
+        --labels ~/data/rsna/stage_2_train_labels.csv --preset rsna --out shards/rsna --workers 8
+    python scripts/make_shards.py --src ~/data/nih --labels ~/data/nih/Data_Entry_2017_v2020.csv --preset nih14 \
+        --out shards/nih14 --workers 8
+    python scripts/make_shards.py --src DIR --labels my.csv --path-col file --label-col finding \
+        --positive pneumonia --patient-col mrn --out shards/mine
     python scripts/make_shards.py --synthetic 1200 --out shards/synthetic --overwrite --verify
 
-`--src` takes the folder that contains `chest_xray/` or `chest_xray/` itself. Exit status: 0 on success,
+Without `--labels`, `--src` takes the folder that contains `chest_xray/` or `chest_xray/` itself (DICOM files
+there are recognised by their preamble, whatever their extension). With `--labels`, `--src` is searched
+recursively for the images the CSV names (see `pipelines/make_shards/labels.py`). Exit status: 0 on success,
 1 with `--strict` when any input was rejected, 2 for unusable input/output paths or a failed `--verify`.
-The stages and the choice of defaults are described in `pipelines/make_shards.py`.
+The stages and the choice of defaults are described in `pipelines/make_shards/__init__.py`.
 """
 
 from __future__ import annotations
@@ -26,8 +34,17 @@ from pipelines.make_shards import (  # noqa: E402 - after the path fix so a plai
     format_summary,
     make_shards,
 )
-from pipelines.manifest import ShardsError, verify_shards  # noqa: E402
+from pipelines.make_shards.labels import (  # noqa: E402
+    DEFAULT_TEST_FRACTION,
+    NIH_OTHER_CHOICES,
+    PRESETS,
+    LabelSource,
+)
+from pipelines.make_shards.record import redact_command  # noqa: E402
+from pipelines.make_shards.split import LABEL_CONFLICT_CHOICES  # noqa: E402
+from pipelines.manifest import ShardsError  # noqa: E402
 from pipelines.synthetic import DEFAULT_SYNTHETIC_SIZE  # noqa: E402
+from pipelines.verify import verify_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +53,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--src", type=Path, help="Kaggle layout: folder containing chest_xray/, or chest_xray/")
     source.add_argument("--synthetic", type=int, metavar="N", help="generate N procedural chest X-rays instead")
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/kermany")
+    csv_group = parser.add_argument_group("labels CSV sources (RSNA, NIH ChestX-ray14, your own)")
+    csv_group.add_argument("--labels", type=Path, metavar="CSV", help="labels CSV naming the images under --src")
+    csv_group.add_argument("--preset", choices=sorted(PRESETS), help="column names and label rule of a public set")
+    csv_group.add_argument("--path-col", help="CSV column naming the image (path under --src, name, or stem)")
+    csv_group.add_argument("--label-col", help="CSV column holding the label")
+    csv_group.add_argument("--positive", metavar="VALUE", help="--label-col value meaning PNEUMONIA (others: NORMAL)")
+    csv_group.add_argument("--patient-col", help="CSV column holding the patient id (else a DICOM's PatientID, else "
+                           "the file name)")
+    csv_group.add_argument("--nih-other", choices=NIH_OTHER_CHOICES, default="exclude",
+                           help="nih14: images with findings other than Pneumonia / No Finding are excluded "
+                                "(listed in the manifest) or NORMAL")
+    csv_group.add_argument("--split-lists", type=Path, metavar="DIR",
+                           help="folder with train_val_list.txt and test_list.txt (default: next to the CSV, if there)")
+    csv_group.add_argument("--test-fraction", type=float, metavar="F",
+                           help="without split lists: share of patients (per class) carved out as test "
+                                f"(default {DEFAULT_TEST_FRACTION})")
+    parser.add_argument("--patient-salt", metavar="SECRET",
+                        help="secret that DICOM/CSV patient ids are hashed with (not recorded); default: a random "
+                             "salt recorded in the manifest")
     parser.add_argument("--synthetic-size", type=int, default=DEFAULT_SYNTHETIC_SIZE, metavar="PX",
                         help="approximate side of synthetic images")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, metavar="PX",
@@ -51,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="always carve val from train (default: only when the source val has < 100 images)")
     carve.add_argument("--no-carve-val", dest="carve_val", action="store_false", help="keep the source val split")
     parser.add_argument("--seed", type=int, default=0, help="shuffle / split / synthetic seed")
+    parser.add_argument("--on-label-conflict", choices=LABEL_CONFLICT_CHOICES, default="drop",
+                        help="byte-identical images filed under different classes: keep none of them (drop) or "
+                             "the first, train before val before test, then by path (keep-first)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1, write nothing) if any input is rejected")
@@ -59,15 +98,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def label_source(args: argparse.Namespace) -> LabelSource | None:
+    """The labels-CSV options as one value; None without --labels (an error if any of them is given)."""
+    csv_options = {"preset": args.preset, "path_col": args.path_col, "label_col": args.label_col,
+                   "patient_col": args.patient_col, "positive": args.positive, "split_lists": args.split_lists,
+                   "test_fraction": args.test_fraction}
+    if args.labels is None:
+        given = [name for name, value in csv_options.items() if value is not None]
+        if given:
+            raise ShardsError(f"--{given[0].replace('_', '-')} needs --labels CSV (the labels of the images under --src)")
+        return None
+    return LabelSource(args.labels, nih_other=args.nih_other, **csv_options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = ["python", "scripts/make_shards.py", *(sys.argv[1:] if argv is None else argv)]
+    command = redact_command(["python", "scripts/make_shards.py", *(sys.argv[1:] if argv is None else argv)])
     timings: dict = {}
     try:
         manifest = make_shards(
             args.src, args.out, synthetic=args.synthetic or 0, synthetic_size=args.synthetic_size,
+            labels=label_source(args), patient_salt=args.patient_salt,
             max_side=args.max_side, quality=args.quality, shard_mb=args.shard_mb, min_shards=args.min_shards,
-            val_fraction=args.val_fraction, carve_val=args.carve_val, seed=args.seed, workers=args.workers,
+            val_fraction=args.val_fraction, carve_val=args.carve_val, seed=args.seed,
+            on_label_conflict=args.on_label_conflict, workers=args.workers,
             overwrite=args.overwrite, strict=args.strict, progress=args.progress, command=command,
             timings=timings)
     except ShardsError as exc:

@@ -1,8 +1,9 @@
 """Check a shards folder against its manifest: `python scripts/verify_shards.py shards/NAME`.
 
-Re-hashes every tar and index, reads every sample with `webdataset` and again (decoding the JPEGs) with
-DALI's CPU reader through the `.idx` files, and compares keys, labels, metadata and counts. Exit status 0
-when everything matches; 2 with a message naming the bad shard otherwise. `--no-dali` skips the DALI pass.
+Re-hashes every tar and index, reads every sample through `pipelines.shards` (the API the loaders' plan and
+the evaluation report use) and again (decoding the JPEGs) with DALI's CPU reader through the `.idx` files,
+and compares keys, labels, metadata and counts (see `pipelines/verify.py`). Exit status 0 when everything
+matches; 2 with a one-line message naming the bad shard otherwise. `--no-dali` skips the DALI pass.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.manifest import ShardsError, verify_shards  # noqa: E402 - after the path fix
+from pipelines.manifest import ShardsError  # noqa: E402 - after the path fix
+from pipelines.verify import verify_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ class DataConfig(PreprocessConfig):
     train_split: str = "train"  # manifest split to train on
     val_split: str = "val"  # manifest split validated every epoch (model selection, threshold)
     shift_seed: int = 0  # seed of the acquisition-shift proxy (pipelines/shift.py) for val-shifted, in training and eval.run
+    verify_shards: bool = False  # re-hash every tar and index against the manifest before training (reads all bytes)
 
     def __post_init__(self) -> None:
         """Checked by `validate` instead, so the error names the key as `data.<field>`."""

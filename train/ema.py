@@ -3,8 +3,8 @@
 Averaging the weights of the last few hundred steps smooths out the noise of the final optimizer steps and
 typically gives better-calibrated, more stable predictions than the raw weights (Polyak averaging; timm's
 ModelEmaV2). The EMA is kept in fp32 next to the training model, on the same device, and updated after every
-optimizer step with one fused `_foreach_lerp_` (no host sync). It is saved in every checkpoint (registered
-with Accelerate), so a resumed run continues the same average.
+optimizer step with one fused `_foreach_lerp_` (no host sync). Every checkpoint holds it (`ema.safetensors`,
+train/checkpoint.py), so a resumed run continues the same average.
 """
 
 from __future__ import annotations
@@ -54,10 +54,15 @@ class WeightEMA:
             dst.copy_(src)
         self.updates += 1
 
-    def state_dict(self) -> dict:
-        # Tensors and an int only: loadable with torch.load(weights_only=True).
-        return {"updates": self.updates, "decay": self.decay, "weights": self.module.state_dict()}
+    @torch.no_grad()
+    def restore(self, weights: dict[str, torch.Tensor], updates: int) -> None:
+        """Continue an average saved in a checkpoint (train.checkpoint writes `module`'s weights and `updates`)."""
+        self.module.load_state_dict(weights, strict=True)
+        self.updates = updates
 
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = int(state["updates"])
-        self.module.load_state_dict(state["weights"])
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average afresh from the linked model's current weights (e.g. just resumed without one)."""
+        for dst, src in zip(self._float_dst + self._other_dst, self._float_src + self._other_src, strict=True):
+            dst.copy_(src)
+        self.updates = 0

@@ -24,10 +24,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from eval.provenance import TRAIN_SAMPLES, TrainingData, record_training_data
 from pipelines.loaders import build_loader
-from pipelines.manifest import LABELS, ShardsError, load_manifest
+from pipelines.manifest import FIX_HINT, LABELS, MANIFEST_NAME, ShardsError, load_manifest, sha256_file
 from pipelines.spec import PreprocessSpec
-from train.checkpoint import TrainState, export_best, read_loader_state, save_checkpoint, try_resume
+from train.checkpoint import (
+    CheckpointError,
+    Resumed,
+    TrainState,
+    epoch_dirs,
+    export_best,
+    save_checkpoint,
+    try_resume,
+)
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
 from train.ema import WeightEMA
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype, launch_precision
@@ -92,9 +101,17 @@ def configure_cpu_threads(cfg: Config, accelerator: Accelerator) -> None:
     torch.set_num_threads(max(1, cores - cfg.data.num_workers))
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    """A checkpoint or an exported best model: what a launch that failed before its first epoch never leaves
+    (its config.yaml, metrics.jsonl and W&B id are replaced by the next fresh start)."""
+    return bool(epoch_dirs(run_dir)) or (run_dir / "best").exists()
+
+
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     run_dir = Path(cfg.run.dir)
-    if cfg.train.resume == "never" and any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir {run_dir} is a file, not a folder: choose another --run.dir or move the file away")
+    if cfg.train.resume == "never" and holds_a_run(run_dir):
         # Starting over on top of another run would mix two runs' metrics, checkpoints and W&B history.
         raise ConfigError(f"run.dir {run_dir} already holds a run and train.resume=never: choose a new --run.dir, "
                           "delete that folder, or resume it with --train.resume=auto")
@@ -106,7 +123,12 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def build_spec(data: DataConfig, manifest: dict) -> PreprocessSpec:
-    return PreprocessSpec.from_config(data, manifest)
+    try:
+        return PreprocessSpec.from_config(data, manifest)
+    except ValueError as exc:  # `stats: null` (or no mean/std): normalisation has nothing to come from
+        path = Path(data.shards) / "manifest.json"
+        raise ShardsError(f"{path}: key 'stats' is {manifest.get('stats')!r}, not the training split's pixel "
+                          f"mean/std; rebuild the shards: {FIX_HINT.format(dir=data.shards)}") from exc
 
 
 def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
@@ -114,7 +136,7 @@ def build_loaders(cfg: Config, spec: PreprocessSpec, accelerator: Accelerator):
     common = dict(spec=spec, loader=cfg.data.loader, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, device=accelerator.device, seed=cfg.train.seed,
                   num_workers=cfg.data.num_workers, hw_decoder_load=cfg.data.hw_decoder_load,
-                  dtype=input_dtype(accelerator))
+                  dtype=input_dtype(accelerator), verify_shards=cfg.data.verify_shards)
     train_loader = build_loader(cfg.data.shards, cfg.data.train_split, train=True,
                                 per_device_batch_size=cfg.data.per_device_batch_size, **common)
     val_loader = build_loader(cfg.data.shards, cfg.data.val_split, train=False,
@@ -161,13 +183,35 @@ def build_training(cfg: Config, accelerator: Accelerator, manifest: dict):
     return model, optimizer, loss_fn
 
 
-def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dict, manifest_path: Path) -> dict:
+def record_data(cfg: Config, accelerator: Accelerator, manifest: dict) -> TrainingData | None:
+    """The manifest hash and the train/val keys and contents the best model is exported with (main process
+    only: it reads every JPEG of both splits once), so evaluation can tell when the shards changed."""
+    if not accelerator.is_main_process:
+        return None
+    return record_training_data(cfg.data.shards, manifest, cfg.data.train_split, cfg.data.val_split)
+
+
+def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dict, data: TrainingData) -> dict:
     return {
         "epoch": state.epoch, "step": state.step, "arch": cfg.model.arch, "in_channels": cfg.data.channels,
         "spec": asdict(spec), "labels": list(LABELS), "shards": str(cfg.data.shards),
-        "manifest": str(manifest_path),
+        "manifest": data.meta["manifest"], "data": data.meta,
         "val_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
+
+
+def resume(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, state: TrainState,
+           ema: WeightEMA | None = None) -> Resumed | None:
+    """`try_resume`, refusing a checkpoint trained on other shards than `data.shards` holds now (the model's
+    record of its training data would be wrong, and evaluation's training-overlap check with it)."""
+    manifest_sha256 = state.manifest_sha256
+    resumed = try_resume(accelerator, run_dir, cfg.train.resume, model, optimizer, state, ema)
+    if resumed is not None and state.manifest_sha256 != manifest_sha256:
+        raise CheckpointError(
+            f"{resumed.path} was trained on shards whose manifest sha256 is {state.manifest_sha256[:12]}, but "
+            f"{Path(cfg.data.shards) / MANIFEST_NAME} is now {manifest_sha256[:12]}: resume with the shards the run "
+            "started on, or train on these in a new --run.dir")
+    return resumed
 
 
 def loader_builds(train_loader, val_loader) -> dict:
@@ -178,7 +222,7 @@ def loader_builds(train_loader, val_loader) -> dict:
 
 
 def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-        manifest_path: Path, ema: WeightEMA | None = None) -> None:
+        data: TrainingData | None, ema: WeightEMA | None = None) -> None:
     run_dir = Path(cfg.run.dir)
     lr_for_step = partial(lr_at, total_steps=derived.total_steps, warmup_steps=derived.warmup_steps,
                           base_lr=cfg.optim.lr, schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -215,9 +259,9 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
             if accelerator.is_main_process:
                 # Without keep_torch_compile=False a compiled model exports `_orig_mod.*` keys.
                 best = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
-                meta = {**best_meta(cfg, spec, state, val_metrics, manifest_path),
+                meta = {**best_meta(cfg, spec, state, val_metrics, data),
                         "weights": f"ema (decay {ema.decay})" if ema is not None else "raw"}
-                export_best(best, cfg, meta, run_dir)
+                export_best(best, cfg, run_dir, {"meta.json": meta, TRAIN_SAMPLES: data.train_samples})
         else:
             state.epochs_since_best += 1
         logger.log({**train_metrics, **val_metrics, "val/best_auroc": state.best_auroc,
@@ -226,7 +270,8 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
                     * derived.world_size / train_time}, step=state.step, epoch=state.epoch)
         logger.log_curves(labels, probs, step=state.step)
         state.wall_time_s += time.perf_counter() - epoch_start
-        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, train_loader.state())
+        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, model, optimizer, train_loader.state(),
+                        ema=ema)
     if progress is not None:
         progress.close()
 
@@ -245,36 +290,34 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_spec(cfg.data, manifest)
     train_loader, val_loader = build_loaders(cfg, spec, accelerator)
     derived = derive(cfg, accelerator, train_loader)
+    data = record_data(cfg, accelerator, manifest)
     accelerator.print(f"loader: {derived.loader} ({derived.loader_reason}); device {derived.device}, "
                       f"{derived.world_size} process(es), {torch.get_num_threads()} torch thread(s), "
                       f"mixed precision {derived.mixed_precision} ({derived.precision_reason}), "
                       f"global batch {derived.global_batch_size}, {derived.steps_per_epoch} steps/epoch")
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState(manifest_sha256=sha256_file(Path(cfg.data.shards) / MANIFEST_NAME))
     ema = None
     if cfg.train.ema_decay > 0:
         ema = WeightEMA(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.train.ema_decay)
-        accelerator.register_for_checkpointing(ema)  # after TrainState: custom states are saved by position
-    resumed = try_resume(accelerator, run_dir, cfg.train.resume)
+    resumed = resume(cfg, accelerator, run_dir, model, optimizer, state, ema)
     if resumed is not None:
-        loader_state = read_loader_state(accelerator, resumed)
-        if loader_state is not None:
-            train_loader.load_state(loader_state)
-        accelerator.print(f"resumed from {resumed} at epoch {state.epoch}, step {state.step}"
-                          f"{'' if loader_state is not None else ' (no loader state: data order starts afresh)'}")
+        if resumed.loader_state is not None:
+            train_loader.load_state(resumed.loader_state)
+        accelerator.print(f"resumed from {resumed.path} at epoch {state.epoch}, step {state.step}"
+                          f"{'' if resumed.loader_state is not None else ' (no loader state: data order starts afresh)'}")
     logger = MetricsLogger(accelerator, cfg.log, run_dir, {**config_to_dict(cfg), "derived": asdict(derived)},
-                           resumed_step=state.step)
+                           resumed_step=state.step if resumed else None)
     try:
         fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-            Path(cfg.data.shards) / "manifest.json", ema)
+            data, ema)
         logger.summary({
             "best_val_auroc": state.best_auroc, "best_epoch": state.best_epoch, "epochs": state.epoch,
             "steps": state.step, "wall_time_s": state.wall_time_s,
             "train_time_s": state.train_time_s,
             "images_per_sec": state.images_seen / state.train_time_s if state.train_time_s else None,
-            "resumed_from": str(resumed) if resumed else None, **asdict(derived),
-            **loader_builds(train_loader, val_loader),
+            "resumed_from": str(resumed.path) if resumed else None, **asdict(derived),
+            **loader_builds(train_loader, val_loader), **(data.summary() if data else {}),
         })
     finally:
         logger.close()
@@ -286,6 +329,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, ShardsError) as exc:
+    except (ConfigError, ShardsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

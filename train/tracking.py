@@ -21,26 +21,29 @@ from pipelines.manifest import LABELS
 from train.config import LogConfig
 
 
-def wandb_init_kwargs(cfg: LogConfig, run_dir: Path) -> dict:
+def wandb_init_kwargs(cfg: LogConfig, run_dir: Path, *, resuming: bool) -> dict:
     kwargs: dict[str, Any] = {"dir": str(run_dir), "name": cfg.name or run_dir.name, "tags": list(cfg.tags)}
     if cfg.entity:
         kwargs["entity"] = cfg.entity
     if cfg.group:
         kwargs["group"] = cfg.group
     kwargs.update(offline_unless_configured())
-    # A resumed training run continues the same W&B run instead of starting a second one.
+    # A resumed training run continues the same W&B run instead of starting a second one. A fresh start does
+    # not continue the W&B run of an earlier launch that failed before its first checkpoint: that run's steps
+    # would collide with this one's.
     id_file = run_dir / "wandb_run_id.txt"
-    if id_file.is_file():
+    if resuming and id_file.is_file():
         kwargs.update(id=id_file.read_text().strip(), resume="allow")
     return kwargs
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the rows of a killed run up to the checkpoint it resumes from, so no step is logged twice."""
+def truncate_jsonl(path: Path, last_step: int | None) -> None:
+    """Keep the rows of a killed run up to the checkpoint it resumes from, so no step is logged twice; a
+    fresh start (`last_step` None) keeps none of what a launch that failed before its first checkpoint wrote."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+            if last_step is not None and line.strip() and json.loads(line).get("step", 0) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -56,7 +59,8 @@ def _jsonable(value: Any) -> Any:
 
 class MetricsLogger:
     def __init__(self, accelerator: Accelerator, cfg: LogConfig, run_dir: Path, config_dict: dict, *,
-                 resumed_step: int):
+                 resumed_step: int | None):
+        """`resumed_step`: the step of the checkpoint this launch resumes from; None for a fresh start."""
         self.accelerator = accelerator
         self.cfg = cfg
         self.run_dir = run_dir
@@ -67,7 +71,8 @@ class MetricsLogger:
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives a kill
         if cfg.wandb:
             accelerator.init_trackers(cfg.project, config=config_dict,
-                                      init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir)})
+                                      init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir,
+                                                                              resuming=resumed_step is not None)})
             self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
             (run_dir / "wandb_run_id.txt").write_text(self.wandb_run.id)
             # The runs table shows the best, not the last, validation AUROC.

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
+from eval import calibration as C
 from eval import metrics as M
 from eval import report as R
 
@@ -26,9 +27,11 @@ def _predictions(n=90, seed=0):
 
 def test_report_folder_round_trips_through_predictions_csv(tmp_path):
     keys, labels, probs, metadata = _predictions()
+    val_keys, val_labels, val_probs, _ = _predictions(seed=1)
+    calibration = C.fit_on_validation(val_labels, val_probs)
     report = R.build_report(keys, labels, probs, split="test", threshold=0.45,
                             threshold_info={"method": "fixed"}, metadata=metadata, n_resamples=200, seed=3,
-                            tta_probs=probs ** 1.1, provenance={"run": "unit"})
+                            tta_probs=probs ** 1.1, provenance={"run": "unit"}, calibration=calibration)
     paths = R.write_report(tmp_path, report, keys, labels, probs, metadata, tta_probs=probs ** 1.1)
     assert {p.name for p in tmp_path.iterdir()} == set(paths)
     saved = json.loads(paths["report.json"].read_text())
@@ -36,6 +39,13 @@ def test_report_folder_round_trips_through_predictions_csv(tmp_path):
     back = R.read_predictions_csv(paths["predictions.csv"])
     assert back["keys"] == keys and back["labels"].tolist() == labels.tolist()
     assert np.array_equal(back["probs"], probs)  # exact, not approximate
+    # Calibrated probabilities: the validation temperature applied to these; the test split's ECE/Brier from them.
+    assert saved["calibration"]["temperature"] == calibration["temperature"] != 1.0
+    np.testing.assert_array_equal(back["calibrated_probs"], C.apply_temperature(probs, calibration["temperature"]))
+    assert saved["calibration"]["test"]["ece"] == {
+        "before": C.expected_calibration_error(labels, probs),
+        "after": C.expected_calibration_error(labels, back["calibrated_probs"])}
+    assert saved["calibration"]["val"]["brier"]["before"] == C.brier_score(val_labels, val_probs)
     again = R.build_report(back["keys"], back["labels"], back["probs"], split="test", threshold=saved["threshold"]["value"],
                            threshold_info={"method": "fixed"}, metadata=back["metadata"],
                            n_resamples=saved["bootstrap"]["resamples"], seed=saved["bootstrap"]["seed"],
@@ -54,11 +64,12 @@ def test_report_folder_round_trips_through_predictions_csv(tmp_path):
     assert saved["subtypes"]["virus"]["recall"] == pytest.approx(pred[virus].mean())
     assert "none" not in saved["subtypes"]  # NORMAL images are not a pneumonia subtype
 
-    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
+    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png"):
         with Image.open(paths[name]) as image:
             image.verify()
             assert image.format == "PNG"
     md = paths["report.md"].read_text()
+    assert f"T = {calibration['temperature']:.4g}" in md
     assert f"{saved['metrics']['auroc']['value']:.3f} [{saved['metrics']['auroc']['ci95'][0]:.3f}" in md
 
 

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from pipelines.make_shards import Rejected, convert_image, make_shards
-from pipelines.manifest import load_manifest, verify_shards
-from tests.conftest import REPO
+from pipelines.make_shards import make_shards
+from pipelines.make_shards.convert import Rejected, convert_image, convert_task, hash_task
+from pipelines.make_shards.scan import Entry
+from pipelines.manifest import load_manifest
+from pipelines.verify import verify_shards
 
 GOOD = "chest_xray/train/NORMAL"
 SICK = "chest_xray/train/PNEUMONIA"
@@ -154,6 +157,55 @@ def test_convert_image_unit_cases():
     assert same == big and info["passthrough"]
     with pytest.raises(Rejected, match="decompression bomb"):
         convert_image(big, max_side=512, quality=90, max_pixels=1000 * 1000)
+
+
+def oriented_jpeg(width: int, height: int, orientation: int = 6) -> tuple[bytes, np.ndarray]:
+    """A grayscale JPEG whose EXIF says "rotate me" (6: turn 90 degrees clockwise), and its pixels as stored."""
+    pixels = np.tile(np.linspace(30, 220, width), (height, 1))
+    pixels[: height // 4, : width // 4] = 255  # a bright corner: any rotation or mirror moves it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(pixels.astype(np.uint8)), "JPEG", quality=95, exif=exif.tobytes())
+    return data, pixels
+
+
+def test_exif_orientation_applied_once_at_shard_time(tmp_path):
+    """Before: the small file passed through with its tag (DALI turned it, PIL did not: verify_shards failed) and
+    the large one was re-encoded sideways."""
+    src = tmp_path / "src"
+    small, small_pixels = oriented_jpeg(64, 40)  # gray, no resize needed: the pass-through path
+    large, large_pixels = oriented_jpeg(160, 100)  # larger than max_side: the re-encode path
+    for rel, data in {f"{GOOD}/small.jpeg": small, f"{GOOD}/large.jpeg": large, f"{SICK}/person1_virus_1.jpeg":
+                      good_jpeg(1)}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    out = tmp_path / "out"
+    manifest = make_shards(src, out, min_shards=1, val_fraction=0, max_side=80, progress=False)
+    assert manifest["inputs"]["passthrough"] == 1  # only the untagged image
+    assert verify_shards(out) == {"train": 3}  # DALI, which honours EXIF, decodes the size the json records
+    samples = sample_by_name(out)
+    for name, pixels in (("small.jpeg", small_pixels), ("large.jpeg", large_pixels)):
+        meta = samples[name]
+        with Image.open(io.BytesIO(meta["jpg"])) as image:
+            assert image.getexif().get(0x0112) is None, "the stored JPEG must carry no orientation tag"
+            stored = np.asarray(image, np.float64)
+        upright = np.rot90(pixels, k=-1)  # orientation 6, applied by hand
+        assert stored.shape == (meta["stored_height"], meta["stored_width"]) and stored.shape[0] > stored.shape[1]
+        expected = np.asarray(Image.fromarray(upright.astype(np.uint8)).resize(stored.shape[::-1],
+                                                                               Image.Resampling.BILINEAR), np.float64)
+        assert np.abs(stored - expected).mean() < 6, f"{name}: not the upright image"
+        assert (meta["width"], meta["height"], meta["orientation"]) == (pixels.shape[1], pixels.shape[0], 6)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_swapped_in_after_the_scan_is_rejected_not_read(tmp_path):
+    """The readers open without blocking and refuse anything but a regular file."""
+    fifo = tmp_path / "IM-0001-0001.jpeg"
+    os.mkfifo(fifo)
+    entry = Entry("chest_xray/train/NORMAL/IM-0001-0001.jpeg", "train", 0, "IM-0001", "none", "train",
+                  abs_path=str(fifo))
+    assert hash_task(entry) == (None, "unreadable: not a regular file", None)
+    assert convert_task((entry, 512, 90, 0, 64)) == ("rejected", "unreadable: not a regular file")
 
 
 def test_strict_exits_nonzero_and_writes_nothing(bad_layout, tmp_path):

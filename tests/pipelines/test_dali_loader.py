@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shard_truth import split_labels
 
 from pipelines.dali import DaliLoader
 from pipelines.manifest import ShardsError
 from pipelines.plan import resolve_split
 from pipelines.spec import PreprocessSpec
-from tests.pipelines._shard_truth import split_labels
 
 SIZE = 32
 
@@ -147,6 +147,19 @@ def test_sample_without_cls_is_an_error_naming_it(tiny_shards, tmp_path):
     key = dropped.split(".")[0]
     with pytest.raises(ShardsError, match=rf"sample {key} in shard .*{tar_path.name} has no \.cls"):
         list(_loader(copy, "val"))
+
+
+def test_tar_truncated_after_resolving_says_truncated(tiny_shards, tmp_path):
+    """A tar cut short under a running job: DALI's "offset outside the archive" is named as truncation."""
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    loader = _loader(copy, "val")
+    tar = loader.shards.tars[0]
+    with open(tar, "r+b") as handle:
+        handle.truncate(2048)
+    with pytest.raises(ShardsError, match=rf"truncated tar: shard .*{tar.name} is 2048 bytes, its index places "
+                                          rf"sample val-0000000\d beyond"):
+        list(loader)
 
 
 @pytest.mark.gpu

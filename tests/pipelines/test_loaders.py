@@ -2,17 +2,19 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _shard_truth import split_labels
 
 from pipelines.loaders import build_loader
-from pipelines.manifest import ShardsError
+from pipelines.manifest import ShardsError, load_manifest
+from pipelines.shards import read_index
 from pipelines.spec import PreprocessSpec
-from tests.pipelines._shard_truth import split_labels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +37,25 @@ def test_bad_arguments_and_missing_data(tiny_shards, tmp_path):
         build_loader(tiny_shards, "holdout", spec=spec, per_device_batch_size=4, train=False)
     with pytest.raises(ValueError, match="loader must be"):
         build_loader(tiny_shards, "val", spec=spec, per_device_batch_size=4, train=False, loader="ffcv")
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+@pytest.mark.parametrize("bad", [b"7", b"x"])
+def test_label_outside_the_classes_names_shard_and_key(tiny_shards, tmp_path, loader, bad):
+    """Before: "7" became label 7 (an IndexError in the loss, naming nothing) and "x" a bare ValueError."""
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    shard = load_manifest(copy)["splits"]["val"]["shards"][0]
+    ext, offset, size = read_index(copy / shard["index"])[1][0]  # the second sample's .cls
+    assert (ext, size) == ("cls", 1)
+    with open(copy / shard["tar"], "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bad)
+    spec = PreprocessSpec.from_manifest(copy, image_size=32)
+    built = build_loader(copy, "val", spec=spec, per_device_batch_size=2, train=False, loader=loader, num_workers=1)
+    with pytest.raises(ShardsError, match=rf"sample val-00000001 in shard \S*{shard['tar']} has \.cls "
+                                          rf"'{bad.decode()}', expected 0 \(NORMAL\) or 1 \(PNEUMONIA\)"):
+        list(built)
 
 
 def _free_port() -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -12,12 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ORIGINALS_SAMPLE, REPO, TRAIN_224, require_dir
 from PIL import Image
 
 import pipelines.make_shards as ms
-from pipelines.make_shards import make_shards, remove_duplicates, scan_source
-from pipelines.manifest import ShardsError, load_manifest, verify_shards
-from tests.conftest import ORIGINALS_SAMPLE, REPO, TRAIN_224, require_dir
+from pipelines.make_shards import make_shards
+from pipelines.make_shards.convert import hash_task
+from pipelines.make_shards.scan import scan_source
+from pipelines.make_shards.split import remove_duplicates
+from pipelines.manifest import ShardsError, load_manifest
+from pipelines.verify import verify_shards
 
 
 def xray_jpeg(seed: int, size=(72, 60), mode="L", quality=92) -> bytes:
@@ -77,7 +84,8 @@ def assert_accounted(out: Path, root: Path) -> dict:
     manifest = load_manifest(out)
     sharded = [s["source"] for split in read_samples(out).values() for s in split]
     places = (sharded + [r["path"] for r in manifest["rejected"]] + [r["path"] for r in manifest["skipped"]]
-              + [p for d in manifest["duplicates"] for p in d["removed"]])
+              + [p for d in manifest["duplicates"] for p in d["removed"]]
+              + [f["path"] for c in manifest["label_conflicts"] for f in c["files"] if f["path"] != c["kept"]])
     assert len(places) == len(set(places)), "an input is listed twice"
     assert set(places) == input_files(root)
     return manifest
@@ -201,14 +209,47 @@ def test_cross_split_duplicates_removed_from_later_split(tmp_path):
     assert manifest["inputs"]["duplicates_removed"] == 2
 
 
+@pytest.mark.parametrize("policy", ["drop", "keep-first"])
+def test_identical_images_with_different_labels_are_label_conflicts(tmp_path, policy):
+    """Before: the NORMAL copy won silently (path order) and the PNEUMONIA one was listed as a mere duplicate."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=4, images_per_patient=1, val_images=0)
+    normal = src / "chest_xray/train/NORMAL/IM-0002-0001.jpeg"
+    sick = write(src / "chest_xray/train/PNEUMONIA/person77_virus_1.jpeg", normal.read_bytes())
+    same_label = write(src / "chest_xray/test/NORMAL/IM-0099-0001.jpeg", normal.read_bytes())
+    write(src / "chest_xray/test/PNEUMONIA/person99_virus_1.jpeg", xray_jpeg(999))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "scripts/make_shards.py", "--src", str(src), "--out", str(out), "--min-shards", "1",
+         "--val-fraction", "0", "--workers", "1", "--no-progress", "--on-label-conflict", policy],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = assert_accounted(out, src)
+    [conflict] = manifest["label_conflicts"]
+    rel = {p: p.relative_to(src).as_posix() for p in (normal, sick, same_label)}
+    assert conflict["sha256"] == hashlib.sha256(normal.read_bytes()).hexdigest()
+    assert {(f["path"], f["label"]) for f in conflict["files"]} == {
+        (rel[normal], "NORMAL"), (rel[sick], "PNEUMONIA"), (rel[same_label], "NORMAL")}
+    assert not manifest["duplicates"], "a conflicting group is not a duplicate group"
+    sharded = {m["source"] for split in read_samples(out).values() for m in split}
+    if policy == "drop":
+        assert conflict["kept"] is None and not sharded & set(rel.values())
+        assert manifest["inputs"]["label_conflicts_removed"] == 3
+    else:
+        assert conflict["kept"] == rel[normal] and sharded & set(rel.values()) == {rel[normal]}
+        assert manifest["inputs"]["label_conflicts_removed"] == 2
+    assert "label conflicts removed" in result.stdout and f"{rel[sick]} (PNEUMONIA)" in result.stdout
+    assert manifest["args"]["on_label_conflict"] == policy
+
+
 def test_duplicates_found_in_kermany_train_224():
     """Hash-only scan of the real 5,216-image train split: it has byte-identical duplicates."""
     src = require_dir(TRAIN_224)
     _, entries, _ = scan_source(src)
     assert len(entries) == 5216
-    hashes = [ms._hash_task(entry)[0] for entry in entries]
-    kept, duplicates = remove_duplicates(entries, hashes)
+    hashes = [hash_task(entry)[0] for entry in entries]
+    kept, duplicates, conflicts = remove_duplicates(entries, hashes)
     assert duplicates, "the Kermany train split is known to contain byte-identical duplicates"
+    assert not conflicts, "no duplicate of the Kermany train split is filed under both classes"
     assert len(kept) + sum(len(d["removed"]) for d in duplicates) == len(entries)
     for group in duplicates[:20]:
         kept_bytes = (src / group["kept"]).read_bytes()
@@ -252,6 +293,86 @@ def test_overwrite_refused_then_allowed(tmp_path):
     assert (stranger / "precious.txt").read_bytes() == b"keep me"
 
 
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_of_the_source_is_refused_and_deletes_nothing(tmp_path):
+    """Before: --out equal to --src, with a stray manifest.json there, deleted every source image (exit 0)."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    write(src / "manifest.json", b'{"written by": "another tool"}')
+    before = snapshot(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "scripts/make_shards.py", "--src", str(src), "--out", str(src), "--overwrite",
+         "--min-shards", "1", "--workers", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"output {src} is the source" in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case, match", [
+    ("parent of src", "contains it"),
+    ("existing folder in src", "existing folder inside the source"),
+    ("regular file", "is not a folder"),
+    ("link to shards", "is not a folder"),
+    ("shards folder + a stranger", r"it holds 'notes\.txt'"),
+    ("shards folder + a stranger folder", r"it holds 'train/extra/'"),
+    ("foreign manifest", "no manifest.json of this tool's format"),
+])
+def test_overwrite_deletes_only_what_make_shards_wrote(tmp_path, tiny_shards, case, match):
+    src = kaggle_layout(tmp_path / "data" / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    out = {"parent of src": tmp_path / "data", "existing folder in src": src / "chest_xray" / "train",
+           "regular file": write(tmp_path / "file.bin", b"data"), "link to shards": tmp_path / "link"}.get(case, shards)
+    if case == "link to shards":
+        out.symlink_to(shards)
+    elif case == "shards folder + a stranger":
+        write(shards / "notes.txt", b"my notes")
+    elif case == "shards folder + a stranger folder":
+        write(shards / "train" / "extra" / "x.bin", b"x")
+    elif case == "foreign manifest":
+        write(shards / "manifest.json", b'{"version": 1}')
+    before = snapshot(tmp_path)
+    with pytest.raises(ShardsError, match=match) as error:
+        make_shards(src, out, min_shards=1, overwrite=True, progress=False)
+    assert "\n" not in str(error.value)
+    assert snapshot(tmp_path) == before and out.exists()
+
+
+def test_fresh_output_inside_the_source_is_allowed_once(tmp_path):
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    out = src / "shards"
+    make_shards(src, out, min_shards=1, val_fraction=0, progress=False)
+    assert load_manifest(out)["inputs"]["sharded"] == 4
+    with pytest.raises(ShardsError, match="existing folder inside the source"):
+        make_shards(src, out, min_shards=1, overwrite=True, progress=False)
+
+
+def test_killed_run_leaves_temporary_folders_that_the_next_run_removes(tmp_path):
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import pipelines.make_shards as ms; "
+        "ms.write.write_split = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+        "ms.make_shards(None, sys.argv[2], synthetic=60, synthetic_size=48, min_shards=1, progress=False)"),
+        str(REPO), str(out)], capture_output=True, timeout=120)
+    assert killed.returncode == -9
+    [stale] = tmp_path.glob("out.tmp-*")
+    assert any(stale.glob("_spool-*.bin"))
+    # Look-alikes that are not stale or not ours stay: a live run's folder and a stranger's.
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
+        try:
+            live = tmp_path / f"out.tmp-{sleeper.pid}"
+            write(live / ".make_shards-tmp", b"")
+            stranger = write(tmp_path / f"out.tmp-{stale.name.rsplit('-', 1)[1]}0" / "thesis.tex", b"mine")
+            make_shards(None, out, synthetic=60, synthetic_size=48, min_shards=1, progress=False)
+            assert not stale.exists()
+            assert live.is_dir() and stranger.read_bytes() == b"mine"
+        finally:
+            sleeper.kill()
+    assert verify_shards(out, dali=False) and not (out / ".make_shards-tmp").exists()
+
+
 def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
     make_shards(None, out, synthetic=60, synthetic_size=48, min_shards=1, progress=False)
@@ -260,7 +381,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ms, "_write_split_shards", interrupted)
+    monkeypatch.setattr(ms.write, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_shards(None, out, synthetic=60, synthetic_size=48, min_shards=1, seed=3, overwrite=True, progress=False)
     assert load_manifest(out) == before, "a failed --overwrite run must leave the previous output intact"
@@ -300,6 +421,43 @@ def test_accepts_chest_xray_folder_itself_case_insensitive_classes(tmp_path):
     b = make_shards(src / "chest_xray", tmp_path / "b", min_shards=1, progress=False)
     assert a["splits"] == b["splits"]
     assert a["splits"]["test"]["samples"] == 6 and a["splits"]["train"]["samples"] + a["splits"]["val"]["samples"] == 6
+
+
+def test_fifo_and_socket_in_the_source_are_skipped_never_opened(tmp_path, monkeypatch):
+    """Before: the hash stage opened the FIFO and blocked forever."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    normal = src / "chest_xray/train/NORMAL"
+    os.mkfifo(normal / "IM-0500-0001.jpeg")
+    os.mkfifo(src / "chest_xray" / "pipe")  # outside the class folders too
+    monkeypatch.chdir(normal)  # a relative bind: socket paths are limited to ~100 characters
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("IM-0501-0001.jpeg")
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts/make_shards.py"), "--src", str(src), "--out", str(out),
+             "--min-shards", "1", "--val-fraction", "0", "--workers", "1", "--no-progress"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    skipped = {r["path"]: r["reason"] for r in load_manifest(out)["skipped"]}
+    assert "FIFO" in skipped["chest_xray/train/NORMAL/IM-0500-0001.jpeg"]
+    assert "socket" in skipped["chest_xray/train/NORMAL/IM-0501-0001.jpeg"]
+    assert "chest_xray/pipe" in skipped
+    assert load_manifest(out)["inputs"]["sharded"] == 4
+
+
+def test_class_and_split_folders_differing_only_in_case_are_merged(tmp_path):
+    """Before: `normal/` next to `NORMAL/` was skipped as "not a class folder"."""
+    src = kaggle_layout(tmp_path / "src", patients_per_class=2, images_per_patient=1, val_images=0)
+    write(src / "chest_xray/train/normal/IM-0600-0001.jpeg", xray_jpeg(600))
+    write(src / "chest_xray/Train/Pneumonia/person600_virus_1.jpeg", xray_jpeg(601))
+    out = tmp_path / "out"
+    manifest = make_shards(src, out, min_shards=1, val_fraction=0, progress=False)
+    assert_accounted(out, src)
+    assert not manifest["skipped"]
+    assert manifest["splits"]["train"]["per_class"] == {"NORMAL": 3, "PNEUMONIA": 3}
+    labels = {m["source"]: m["label_name"] for m in read_samples(out)["train"]}
+    assert labels["chest_xray/train/normal/IM-0600-0001.jpeg"] == "NORMAL"
+    assert labels["chest_xray/Train/Pneumonia/person600_virus_1.jpeg"] == "PNEUMONIA"
 
 
 def test_cli_synthetic_with_verify(tmp_path):

@@ -1,12 +1,17 @@
 """Torch fallback: same contract as DALI, and the same evaluation batches."""
 
+import shutil
+
+import pytest
 import torch
+from _shard_edits import garble_header
+from _shard_truth import split_labels
 
 from pipelines.dali import DaliLoader
+from pipelines.manifest import ShardsError
 from pipelines.plan import resolve_split
 from pipelines.spec import PreprocessSpec
 from pipelines.torch_loader import TorchLoader
-from tests.pipelines._shard_truth import split_labels
 
 SIZE = 32
 
@@ -62,3 +67,15 @@ def test_torch_train_reproducible_per_seed_epoch_and_worker_count(tiny_shards):
     later = {k: img for b in other for k, img in zip(b.keys, b.images, strict=True)}
     common = sorted(set(first) & set(later))
     assert common and not any(torch.equal(first[k], later[k]) for k in common)
+
+
+def test_tar_header_that_does_not_parse_is_an_error_not_a_smaller_split(tiny_shards, tmp_path):
+    """webdataset ends a tar silently at a bad header: before, one batch of the whole split came back short."""
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    shards = resolve_split(copy, "val")
+    tar = shards.tars[0]
+    garble_header(tar, 3)  # the first member of the second sample
+    loader = _make(TorchLoader, copy, "val", bs=shards.num_samples, num_workers=0)
+    with pytest.raises(ShardsError, match=rf"bad shard {tar}: (sample 'val-\d+' where|reading stops after 1 of)"):
+        list(loader)

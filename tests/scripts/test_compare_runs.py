@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from train.config import load_config, save_config
@@ -77,6 +78,23 @@ def test_incomplete_run_dir_names_what_is_missing(tmp_path):
 
     result = run_script(good, tmp_path / "nope")
     assert result.returncode == 2 and "nope does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("summary.json", '{"best_val_auroc": 0.7,'),  # cut off mid-write
+    ("summary.json", "[0.7]"),
+    ("config.yaml", "optim: {lr: [0.001\n"),
+    ("config.yaml", "- not a mapping\n"),
+])
+def test_unreadable_summary_or_config_is_one_line(tmp_path, name, text):
+    good = write_run(tmp_path / "good", [], [0.7], images_per_sec=1.0, evaluated=False)
+    bad = write_run(tmp_path / "bad", [], [0.7], images_per_sec=1.0, evaluated=False)
+    (bad / name).write_text(text)
+    result = run_script(good, bad, "--out", tmp_path / "x.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert str(bad / name) in line
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_arguments_are_checked():

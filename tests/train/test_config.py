@@ -123,15 +123,16 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
         load_config(recipe)
 
 
-def test_help_lists_every_key_with_its_meaning():
+def test_help_lists_every_key_with_its_meaning(tmp_path):
     import subprocess
     import sys
 
     from _runs import REPO, train_env
 
-    # train_env puts this checkout first on PYTHONPATH (the venv may hold an editable install of another one).
-    out = subprocess.run([sys.executable, "train/run.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                         check=True, env=train_env(REPO)).stdout
+    # train_env puts this checkout first on PYTHONPATH: `python train/run.py` would otherwise import the
+    # packages beside train/ from wherever the project is pip-installed (another worktree's copy).
+    out = subprocess.run([sys.executable, "train/run.py", "--help"], cwd=REPO, env=train_env(tmp_path),
+                         capture_output=True, text=True, check=True).stdout
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(
                 __import__("train.config", fromlist=["x"]), section.type)):

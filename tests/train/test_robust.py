@@ -109,17 +109,10 @@ def test_ema_follows_the_weights_with_its_decay():
     assert not torch.equal(ema.module[0].weight, model[0].weight)
     assert not any(p.requires_grad for p in ema.module.parameters())
     restored = WeightEMA(model, decay=0.9)
-    restored.load_state_dict(torch.load(_saved(ema.state_dict()), weights_only=True))
+    restored.restore(ema.module.state_dict(), ema.updates)
     assert restored.updates == 1 and torch.equal(restored.module[0].weight, ema.module[0].weight)
-
-
-def _saved(state) -> object:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return buffer
+    restored.restart()  # resumed without a saved average: it starts again from the weights
+    assert restored.updates == 0 and torch.equal(restored.module[0].weight, model[0].weight)
 
 
 def test_selection_and_shifted_metrics():
@@ -168,7 +161,7 @@ def test_best_is_the_ema_of_the_lowest_val_loss_epoch(robust_run):
     assert meta["epoch"] == min(val_rows, key=lambda r: r["val/loss"])["epoch"]  # select_by=loss
     assert meta["weights"] == "ema (decay 0.9)"
     ckpt = robust_run / "checkpoints" / f"epoch-{meta['epoch']:04d}"
-    ema = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)["weights"]
+    ema = load_file(str(ckpt / "ema.safetensors"))
     raw = load_file(str(ckpt / "model.safetensors"))
     best = load_file(str(robust_run / "best" / "model.safetensors"))
     assert set(best) == set(ema) == set(raw)
@@ -193,3 +186,27 @@ def test_val_shifted_off(tiny_shards, tmp_path):
     run_train(tiny_shards, run_dir, "--train.epochs=1", "--train.val_shifted=false")
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert any("val/auroc" in r for r in rows) and not any(k.startswith("val_shifted/") for r in rows for k in r)
+
+
+def test_ema_average_continues_after_resume(tiny_shards, tmp_path):
+    from safetensors import safe_open
+
+    run_dir = tmp_path / "ema-resume"
+    run_train(tiny_shards, run_dir, "--train.epochs=1", "--train.ema_decay=0.9")
+    run_train(tiny_shards, run_dir, "--train.epochs=2", "--train.ema_decay=0.9")
+    steps = json.loads((run_dir / "summary.json").read_text())["steps_per_epoch"]
+    for epoch in (1, 2):
+        with safe_open(str(run_dir / "checkpoints" / f"epoch-{epoch:04d}" / "ema.safetensors"), "pt") as handle:
+            # The resumed launch restored the count (and the average) instead of starting over at 0.
+            assert int(handle.metadata()["updates"]) == epoch * steps > 0
+
+
+def test_counters_from_before_select_by_still_resume():
+    from train.checkpoint import TrainState, _parse_counters
+
+    old = {k: v for k, v in vars(TrainState(best_auroc=0.93, best_epoch=3, manifest_sha256="ab")).items()
+           if k != "best_score"}
+    counters, _ = _parse_counters({"train_state": old})
+    assert counters["best_score"] == 0.93  # those runs selected by val AUROC
+    counters, _ = _parse_counters({"train_state": {**old, "best_auroc": None, "best_score": None}})
+    assert counters["best_score"] == counters["best_auroc"] == float("-inf")

@@ -43,4 +43,6 @@ def test_two_ranks_train_and_validate_exactly_once(tiny_shards, tmp_path):
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
     assert (run_dir / "best" / "model.safetensors").is_file()
     ckpt = run_dir / "checkpoints" / "epoch-0002"
-    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    # Each rank saved its own random states (as safetensors, never a pickle).
+    assert sorted(p.name for p in ckpt.glob("rng-*")) == ["rng-rank0-of-2.safetensors", "rng-rank1-of-2.safetensors"]
+    assert not list(ckpt.glob("*.pkl"))

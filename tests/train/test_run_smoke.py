@@ -126,6 +126,25 @@ def test_missing_shards_is_a_clear_error(tmp_path):
     assert str(tmp_path / "nope") in result.stderr and "make_shards.py" in result.stderr
 
 
+def test_verify_shards_refuses_a_tampered_tar_before_training(tiny_shards, tmp_path):
+    import shutil
+    import subprocess
+
+    from _runs import REPO, train_cmd
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    tar = sorted((copy / "train").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # same size and count: only a re-hash can see it
+    tar.write_bytes(bytes(data))
+    result = subprocess.run(train_cmd(copy, tmp_path / "run", "--log.wandb=false", "--data.verify_shards=true"),
+                            cwd=REPO, capture_output=True, text=True, env=train_env(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert tar.name in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tiny_shards, tmp_path):
     run_dir = tmp_path / "accum"
     run_train(tiny_shards, run_dir, "--train.epochs=1", "--log.wandb=false", "--optim.grad_accum_steps=2")
