@@ -2,7 +2,7 @@
 
     python -m eval.run --run runs/demo --split test
 
-    python -m eval.run --run RUN_DIR [--split test] [--shards DIR] [--threshold val|0.5|FLOAT]
+    python -m eval.run --run RUN_DIR [--split test|val-shifted] [--shards DIR] [--threshold val|0.5|FLOAT]
         [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
         [--allow-other-shards]
 
@@ -22,6 +22,9 @@ model (Youden's J, or the most specific threshold reaching `--target-sensitivity
 unchanged to the requested split; the test set is never used to pick it. The calibration temperature is
 fitted on validation too (always); with `--threshold val` both are saved as the run's operating point,
 `RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
+`--split val-shifted` (any `<split>-shifted`) evaluates that split under the acquisition-shift proxy of
+pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; threshold and
+temperature still come from the clean validation split (the Grad-CAM grid shows the unshifted images).
 Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
 unless `--allow-other-shards`; every report counts its samples that were in the model's training split
 (`provenance.data.in_training_split`, matched by content: see eval/provenance.py) and report.md opens with a
@@ -50,6 +53,7 @@ from eval.predict import TTA_DESCRIPTION, predict
 from eval.provenance import check_training_overlap, flag_report, other_shards_problem
 from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
+from pipelines.shift import ShiftedBatches, base_split, describe
 from pipelines.spec import PreprocessSpec
 from train.config import Config, ConfigError, config_to_dict, read_config
 from train.launch import build_accelerator, input_dtype
@@ -198,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     problem = other_shards_problem(meta, shards, run_dir, args.allow_other_shards)
     if problem:
         raise EvalError(problem)
+    split, shifted = base_split(args.split, manifest["splits"])
     # Validation is always predicted: the temperature (and, with --threshold val, the threshold) is fitted there.
-    for split in {args.split, cfg.data.val_split}:
-        if split not in manifest["splits"]:
-            raise EvalError(f"split {split!r} is not in {shards / 'manifest.json'} "
+    for needed in {split, cfg.data.val_split}:
+        if needed not in manifest["splits"]:
+            raise EvalError(f"split {needed!r} is not in {shards / 'manifest.json'} "
                             f"(it has {', '.join(sorted(manifest['splits']))})")
     accelerator = build_accelerator()
     model = model.to(accelerator.device)
@@ -218,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers,
             hw_decoder_load=cfg.data.hw_decoder_load, dtype=input_dtype(accelerator))
 
-    loader = loader_for(args.split)
+    loader = loader_for(split)
+    if shifted:
+        loader = ShiftedBatches(loader, mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
     val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
         predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
@@ -230,18 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     threshold, threshold_info = choose_threshold(args, val_predictions)
     calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])
     data_check = check_training_overlap(meta, run_dir / "best", shards, manifest,
-                                        [args.split, cfg.data.val_split], args.allow_other_shards)
-    metadata = R.load_sample_metadata(shards, args.split, manifest)
+                                        [split, cfg.data.val_split], args.allow_other_shards)
+    metadata = R.load_sample_metadata(shards, split, manifest)
+    origin = provenance(args, run_dir, shards, cfg, meta, loader, accelerator)
+    if shifted:
+        origin["shift"] = describe(cfg.data.shift_seed)
     report = R.build_report(
         keys, labels, probs, split=args.split, threshold=threshold, threshold_info=threshold_info,
         metadata=metadata, n_resamples=args.bootstrap, seed=args.seed, tta_probs=tta_probs,
         tta_description=TTA_DESCRIPTION,
-        provenance={**provenance(args, run_dir, shards, cfg, meta, loader, accelerator), "data": data_check},
+        provenance={**origin, "data": data_check},
         calibration=calibration)
     out_dir = args.out or run_dir / f"eval-{args.split}"
     paths = R.write_report(out_dir, report, keys, labels, probs, metadata, tta_probs=tta_probs)
     flag_report(paths["report.md"], data_check)
-    paths["gradcam_grid.png"] = write_gradcam_grid(model, shards, args.split, keys, labels, probs, threshold, spec,
+    paths["gradcam_grid.png"] = write_gradcam_grid(model, shards, split, keys, labels, probs, threshold, spec,
                                                    out_dir / "gradcam_grid.png")
     paths["model_card.md"] = write_model_card(out_dir / "model_card.md", report, config_to_dict(cfg), meta, manifest)
     if args.threshold == "val" and shards.resolve() == Path(cfg.data.shards).resolve():

@@ -7,12 +7,14 @@ following `pipelines.plan` for rank slices and batch counts.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -32,7 +34,9 @@ def image_ops(jpegs, *, spec: PreprocessSpec, train: bool, device: str, hw_decod
 
     `device` is "gpu" (nvJPEG `mixed` decode, every later op on the GPU) or "cpu". Training
     decodes only the random crop window (`decoders.image_random_crop`, ROI decoding), which is
-    cheaper than decoding the whole radiograph and cropping afterwards.
+    cheaper than decoding the whole radiograph and cropping afterwards. Training order: crop and resize,
+    [equalize], geometry (rotation, or one affine warp with shear/shift/zoom), brightness/contrast, gamma,
+    blur, noise, normalize, random erasing; `pipelines.torch_loader.build_transform` follows the same order.
     """
     size = spec.image_size
     decode_device = "mixed" if device == "gpu" else "cpu"
@@ -42,7 +46,12 @@ def image_ops(jpegs, *, spec: PreprocessSpec, train: bool, device: str, hw_decod
             jpegs, device=decode_device, output_type=types.GRAY, random_area=list(spec.train_scale),
             random_aspect_ratio=list(spec.train_ratio), num_attempts=10, **decode_args)
         images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR)
-        if spec.train_rotate_deg > 0:
+        if spec.equalize:
+            images = fn.equalize(images)
+        if spec.affine:
+            images = fn.warp_affine(images, matrix=_random_affine(spec), fill_value=0, inverse_map=False,
+                                    interp_type=types.INTERP_LINEAR)
+        elif spec.train_rotate_deg > 0:
             angle = fn.random.uniform(range=[-spec.train_rotate_deg, spec.train_rotate_deg])
             images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
         if spec.train_brightness > 0 or spec.train_contrast > 0:
@@ -50,6 +59,7 @@ def image_ops(jpegs, *, spec: PreprocessSpec, train: bool, device: str, hw_decod
                 images,
                 brightness=fn.random.uniform(range=[1 - spec.train_brightness, 1 + spec.train_brightness]),
                 contrast=fn.random.uniform(range=[1 - spec.train_contrast, 1 + spec.train_contrast]))
+        images = _degrade(images, spec)
         crop_args = {}
         mirror = fn.random.coin_flip() if spec.train_hflip else 0
     else:
@@ -57,12 +67,68 @@ def image_ops(jpegs, *, spec: PreprocessSpec, train: bool, device: str, hw_decod
         images = fn.resize(images, resize_shorter=spec.eval_resize_size, antialias=True,
                            interp_type=types.INTERP_LINEAR)
         crop_args = {"crop": (size, size), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
+        if spec.equalize:
+            # Equalised after the crop, as in training and in the torch loader: the histogram is the crop's.
+            images = fn.equalize(fn.crop(images, **crop_args))
+            crop_args = {}
         mirror = 0
     if spec.channels == 3:
         images = fn.cat(images, images, images, axis=2)
-    return fn.crop_mirror_normalize(
+    images = fn.crop_mirror_normalize(
         images, dtype=dtype, output_layout="HWC", mirror=mirror,
         mean=[spec.mean * 255.0] * spec.channels, std=[spec.std * 255.0] * spec.channels, **crop_args)
+    if train and spec.train_erase_prob > 0:
+        images = _random_erase(images, spec.train_erase_prob)
+    return images
+
+
+def _random_affine(spec: PreprocessSpec):
+    """Per-sample source->destination matrix: zoom, rotation and shear about the centre, then a shift
+    (torchvision's RandomAffine composes the same four)."""
+    size = spec.image_size
+    centre = [size / 2.0, size / 2.0]
+    lo, hi = spec.train_affine_zoom
+    # DALI's uniform needs hi > lo; a fixed zoom (lo == hi) is a constant.
+    zoom = fn.stack(*[fn.random.uniform(range=[lo, hi])] * 2) if hi > lo else [lo, lo]
+    matrix = fn.transforms.scale(scale=zoom, center=centre)
+    if spec.train_rotate_deg > 0:
+        degrees = spec.train_rotate_deg
+        matrix = fn.transforms.rotation(matrix, angle=fn.random.uniform(range=[-degrees, degrees]), center=centre)
+    if spec.train_affine_shear_deg > 0:
+        shear = spec.train_affine_shear_deg
+        matrix = fn.transforms.shear(matrix, angles=fn.random.uniform(range=[-shear, shear], shape=2), center=centre)
+    if spec.train_affine_translate > 0:
+        shift = spec.train_affine_translate * size
+        matrix = fn.transforms.translation(matrix, offset=fn.random.uniform(range=[-shift, shift], shape=2))
+    return matrix
+
+
+def _degrade(images, spec: PreprocessSpec):
+    """Training-time gamma, blur and noise on uint8 gray images (each skipped when its key is 0)."""
+    if spec.train_gamma > 0:
+        bound = math.log1p(spec.train_gamma)
+        gamma = dmath.exp(fn.random.uniform(range=[-bound, bound]))
+        images = fn.cast(dmath.clamp(dmath.pow(images / 255.0, gamma) * 255.0, 0.0, 255.0), dtype=types.UINT8)
+    if spec.train_blur_sigma > 0:
+        # A floor of 0.01 px: DALI needs sigma > 0, and below ~0.2 px the kernel is a delta anyway.
+        images = fn.gaussian_blur(images, sigma=fn.random.uniform(range=[0.01, max(0.01, spec.train_blur_sigma)]))
+    if spec.train_noise_std > 0:
+        images = fn.noise.gaussian(images, stddev=fn.random.uniform(range=[0.0, spec.train_noise_std * 255.0]))
+    return images
+
+
+def _random_erase(images, prob: float):
+    """With probability `prob`, one rectangle of 2-20% of the area (aspect w/h 0.3-3.3) set to 0 = the mean
+    (torchvision's RandomErasing on the normalized image); a zero-sized region leaves the image as it is."""
+    area = fn.random.uniform(range=[0.02, 0.2])
+    aspect = dmath.exp(fn.random.uniform(range=[math.log(0.3), math.log(3.3)]))
+    height = dmath.min(dmath.sqrt(area / aspect), 1.0)
+    width = dmath.min(dmath.sqrt(area * aspect), 1.0)
+    keep = fn.random.coin_flip(probability=prob)
+    anchor = fn.stack(fn.random.uniform(range=[0.0, 1.0]) * (1.0 - height),
+                      fn.random.uniform(range=[0.0, 1.0]) * (1.0 - width))
+    return fn.erase(images, anchor=anchor, shape=fn.stack(height * keep, width * keep), normalized=True,
+                    axis_names="HW", fill_value=0.0)
 
 
 def _name_bad_sample(message: str, shards: SplitShards) -> str | None:

@@ -7,6 +7,7 @@ rank slices, batch counts and (in evaluation) identical batches in identical ord
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
+from pipelines.augment import Equalize, RandomGamma, RandomNoise
 from pipelines.batch import Batch
 from pipelines.manifest import FIX_HINT, ShardsError
 from pipelines.plan import RankedLoader, SplitShards, rank_range, tar_order
@@ -25,22 +27,42 @@ from pipelines.spec import PreprocessSpec
 
 
 def build_transform(spec: PreprocessSpec, *, train: bool) -> v2.Compose:
-    """torchvision v2 version of `pipelines.dali.image_ops` for a PIL grayscale image."""
+    """torchvision v2 version of `pipelines.dali.image_ops` for a PIL grayscale image (same ops, same order)."""
     size = spec.image_size
     if train:
         ops = [v2.RandomResizedCrop(size, scale=spec.train_scale, ratio=spec.train_ratio, antialias=True)]
-        if spec.train_rotate_deg > 0:
+        if spec.equalize:
+            ops.append(Equalize())
+        if spec.affine:
+            shear = spec.train_affine_shear_deg
+            ops.append(v2.RandomAffine(
+                spec.train_rotate_deg, translate=(spec.train_affine_translate,) * 2 if spec.train_affine_translate else None,
+                scale=tuple(spec.train_affine_zoom), shear=(-shear, shear, -shear, shear) if shear else None,
+                interpolation=v2.InterpolationMode.BILINEAR, fill=0))
+        elif spec.train_rotate_deg > 0:
             ops.append(v2.RandomRotation(spec.train_rotate_deg, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
         if spec.train_brightness > 0 or spec.train_contrast > 0:
             ops.append(v2.ColorJitter(brightness=spec.train_brightness or None, contrast=spec.train_contrast or None))
+        if spec.train_gamma > 0:
+            ops.append(RandomGamma(spec.train_gamma))
+        if spec.train_blur_sigma > 0:
+            sigma = max(0.01, spec.train_blur_sigma)
+            ops.append(v2.GaussianBlur(2 * math.ceil(3 * sigma) + 1, sigma=(0.01, sigma)))
         if spec.train_hflip:
             ops.append(v2.RandomHorizontalFlip())
     else:
         ops = [v2.Resize(spec.eval_resize_size, antialias=True), v2.CenterCrop(size)]
+        if spec.equalize:
+            ops.append(Equalize())
     if spec.channels == 3:
         ops.append(v2.Grayscale(num_output_channels=3))
-    ops += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([spec.mean] * spec.channels, [spec.std] * spec.channels)]
+    ops += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
+    if train and spec.train_noise_std > 0:
+        ops.append(RandomNoise(spec.train_noise_std))
+    ops.append(v2.Normalize([spec.mean] * spec.channels, [spec.std] * spec.channels))
+    if train and spec.train_erase_prob > 0:
+        # Fill 0 on the normalized image = the training mean, as DALI's erase after normalisation.
+        ops.append(v2.RandomErasing(spec.train_erase_prob, scale=(0.02, 0.2), ratio=(0.3, 3.3), value=0))
     return v2.Compose(ops)
 
 

@@ -66,9 +66,9 @@ COMPILE_MODES = ("eager", "compile")
 DEVICE_DEFAULTS = {"cpu": (8, 2, 2, 3), "cuda": (128, 50, 15, 3)}
 # Loader warm-up in batches: the first batch carries the pipeline build / worker start-up (and nvJPEG set-up on CUDA).
 LOADER_WARMUP = {"cpu": 1, "cuda": 3}
-CPU_GRID_NOTE = ("CPU default grid is fp32 x {nchw, channels_last} x eager: training runs fp32 on CPU (bf16 autocast is "
-                 "an order of magnitude slower on CPUs without native bf16; on AVX512-BF16 hosts it can be faster, see "
-                 "docs/benchmarks.md) and torch.compile needs a C++ toolchain and minutes of compilation per "
+CPU_GRID_NOTE = ("CPU default grid is fp32 x {nchw, channels_last} x eager: bf16 autocast is an order of magnitude "
+                 "slower on CPUs without native bf16 (training runs bf16 only on AVX512-BF16/AMX CPUs, see "
+                 "train/launch.py and docs/benchmarks.md) and torch.compile needs a C++ toolchain and minutes of compilation per "
                  "configuration; measure them with --precisions fp32,bf16 --compile-modes eager,compile")
 RSS_NOTE = ("peak_host_rss_mb is this process's peak resident memory during the row (VmHWM reset before each row); "
             "DataLoader worker processes are not included. peak_gpu_mb is torch's allocator peak; DALI's own GPU "

@@ -5,6 +5,8 @@ Layout under the run directory:
                               optimizer.safetensors           optimizer tensors; param groups and scalars as JSON
                                                               in its metadata (rank 0)
                               train_state.json                loop counters (TrainState), GradScaler state (rank 0)
+                              ema.safetensors                 averaged weights, update count in metadata
+                                                              (train.ema_decay > 0 only; rank 0)
                               rng-rank{r}-of-{R}.safetensors  python/numpy/torch(/cuda) RNG states (each rank)
                               loader-rank{r}-of-{R}.state     DALI's own checkpoint bytes (each rank, DALI only)
                               complete.json                   written last: epoch, step, world size, every file
@@ -46,6 +48,7 @@ COMPLETE = "complete.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
+EMA_FILE = "ema.safetensors"
 LAYOUT_VERSION = 2  # 1: accelerator.save_state (pickled RNG and custom state), no longer read
 
 
@@ -64,7 +67,8 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
     wall_time_s: float = 0.0  # train + validation time of completed epochs, summed over every launch
-    best_auroc: float = float("-inf")
+    best_auroc: float = float("-inf")  # val AUROC of the best epoch
+    best_score: float = float("-inf")  # what train.select_by compares: val AUROC, or minus val NLL
     best_epoch: int = -1
     epochs_since_best: int = 0
     train_time_s: float = 0.0
@@ -169,7 +173,7 @@ def _all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, loader_state: bytes | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer, loader_state: bytes | None = None, ema=None) -> Path:
     """Every rank calls this (each writes its RNG and loader state); rank 0 writes the rest, renames and prunes.
 
     A failed write (a full disk) on any rank removes the partial folder and raises CheckpointError on every
@@ -194,6 +198,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
             write_bytes(tmp / MODEL_FILE, _model_bytes(accelerator.unwrap_model(model, keep_torch_compile=False)))
             write_bytes(tmp / OPTIMIZER_FILE, _optimizer_bytes(optimizer))
             write_bytes(tmp / STATE_FILE, _state_bytes(state, accelerator))
+            if ema is not None:
+                write_bytes(tmp / EMA_FILE, _model_bytes(ema.module, {"updates": str(ema.updates)}))
     except CheckpointError as exc:
         error = exc
     if _all_ranks_ok(accelerator, error is None) and accelerator.is_main_process:
@@ -229,6 +235,7 @@ class _Loaded:
     grad_scaler: dict | None
     rng: tuple[dict[str, torch.Tensor], dict[str, str]] | None
     loader_state: bytes | None
+    ema: tuple[dict[str, torch.Tensor], int] | None = None  # averaged weights and update count
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -267,13 +274,26 @@ def _check_listing(ckpt: Path) -> dict:
     return complete
 
 
-def _check_model(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def _check_model(tensors: dict[str, torch.Tensor], model: torch.nn.Module, name: str = MODEL_FILE) -> None:
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     found = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
     if found != expected:
         differ = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
-        raise DamagedCheckpoint(f"{MODEL_FILE} does not fit this model (e.g. {differ[:3]}: another model.arch or "
+        raise DamagedCheckpoint(f"{name} does not fit this model (e.g. {differ[:3]}: another model.arch or "
                                 "data.channels?)")
+
+
+def _read_ema(ckpt: Path, complete: dict, ema_module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int] | None:
+    """The averaged weights and their update count; None (with a warning) for a checkpoint saved without an EMA."""
+    if EMA_FILE not in complete["files"]:
+        log.warning("%s holds no %s (saved with train.ema_decay=0): the average restarts from the resumed weights",
+                    ckpt, EMA_FILE)
+        return None
+    tensors, metadata = _read_tensors(ckpt / EMA_FILE)
+    _check_model(tensors, ema_module, EMA_FILE)
+    if not str(metadata.get("updates", "")).isdigit():
+        raise DamagedCheckpoint(f"{EMA_FILE} has no update count in its metadata")
+    return tensors, int(metadata["updates"])
 
 
 def _parse_optimizer(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -309,13 +329,17 @@ def _parse_optimizer(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 def _parse_counters(values: dict) -> tuple[dict, dict | None]:
     counters = values.get("train_state")
     names = {f.name for f in fields(TrainState)}
+    if isinstance(counters, dict) and "best_score" not in counters and "best_auroc" in counters:
+        # Written before train.select_by existed: the best epoch was the one with the highest val AUROC.
+        counters = {**counters, "best_score": counters["best_auroc"]}
     if not isinstance(counters, dict) or set(counters) != names:
         raise DamagedCheckpoint(f"{STATE_FILE} does not hold the training counters {sorted(names)}")
+    unbounded = ("best_auroc", "best_score")  # -inf until an epoch has a defined score; JSON holds it as null
     for name, value in counters.items():
         expected = str if name == "manifest_sha256" else int | float
-        if not (value is None and name == "best_auroc") and (isinstance(value, bool) or not isinstance(value, expected)):
+        if not (value is None and name in unbounded) and (isinstance(value, bool) or not isinstance(value, expected)):
             raise DamagedCheckpoint(f"{STATE_FILE}: train_state.{name} is {value!r}, not a {expected}")
-    counters = {**counters, "best_auroc": float("-inf") if counters["best_auroc"] is None else counters["best_auroc"]}
+    counters = {**counters, **{k: float("-inf") for k in unbounded if counters[k] is None}}
     return counters, values.get("grad_scaler")
 
 
@@ -329,7 +353,7 @@ def _check_rng(tensors: dict[str, torch.Tensor], metadata: dict[str, str], devic
 
 
 def read_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
-                    world_size: int, device: torch.device) -> _Loaded:
+                    world_size: int, device: torch.device, ema_module: torch.nn.Module | None = None) -> _Loaded:
     """Parse and check everything this rank needs from `ckpt`; raises DamagedCheckpoint, changes nothing."""
     complete = _check_listing(ckpt)
     model_tensors, _ = _read_tensors(ckpt / MODEL_FILE)
@@ -348,13 +372,18 @@ def read_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if not same_world:
         log.warning("%s was written by %s rank(s), this run has %d: random states and data order start afresh",
                     ckpt, complete.get("world_size"), world_size)
+    ema = _read_ema(ckpt, complete, ema_module) if ema_module is not None else None
     return _Loaded(model_tensors, _parse_optimizer(opt_tensors, opt_metadata, optimizer), counters, grad_scaler, rng,
-                   loader_state)
+                   loader_state, ema)
 
 
 def _apply(loaded: _Loaded, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           state: TrainState) -> None:
+           state: TrainState, ema=None) -> None:
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(loaded.model, strict=True)
+    if ema is not None and loaded.ema is not None:
+        ema.restore(*loaded.ema)
+    elif ema is not None:
+        ema.restart()
     optimizer.load_state_dict(loaded.optimizer)
     for name, value in loaded.counters.items():
         setattr(state, name, value)
@@ -386,7 +415,7 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
 
 
 def try_resume(accelerator: Accelerator, run_dir: Path, resume: str, model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, state: TrainState) -> Resumed | None:
+               optimizer: torch.optim.Optimizer, state: TrainState, ema=None) -> Resumed | None:
     """Load the newest checkpoint every rank can read in full into model, optimizer, RNGs and `state`; None
     when training starts fresh. Every file is parsed and checked before anything is applied, so a damaged
     checkpoint leaves nothing half-loaded and an older one can follow."""
@@ -402,11 +431,12 @@ def try_resume(accelerator: Accelerator, run_dir: Path, resume: str, model: torc
         loaded, error = None, None
         try:
             loaded = read_checkpoint(ckpt, accelerator.unwrap_model(model, keep_torch_compile=False), optimizer,
-                                     accelerator.process_index, accelerator.num_processes, accelerator.device)
+                                     accelerator.process_index, accelerator.num_processes, accelerator.device,
+                                     ema.module if ema is not None else None)
         except DamagedCheckpoint as exc:
             error = exc
         if _all_ranks_ok(accelerator, error is None):
-            _apply(loaded, accelerator, model, optimizer, state)
+            _apply(loaded, accelerator, model, optimizer, state, ema)
             return Resumed(ckpt, loaded.loader_state)
         why = str(error) if error else "another rank could not read its part"
         if explicit:

@@ -43,6 +43,7 @@ class DataConfig(PreprocessConfig):
     hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder (A100/H100); rest on CUDA cores
     train_split: str = "train"  # manifest split to train on
     val_split: str = "val"  # manifest split validated every epoch (model selection, threshold)
+    shift_seed: int = 0  # seed of the acquisition-shift proxy (pipelines/shift.py) for val-shifted, in training and eval.run
     verify_shards: bool = False  # re-hash every tar and index against the manifest before training (reads all bytes)
 
     def __post_init__(self) -> None:
@@ -79,7 +80,13 @@ class TrainConfig:
     seed: int = 0  # model init, augmentation and data order
     resume: str = "auto"  # auto | never | PATH of a checkpoint directory
     keep_checkpoints: int = 2  # newest checkpoints kept in run.dir/checkpoints
-    early_stopping_patience: int = 0  # epochs without a better val AUROC before stopping; 0 disables
+    early_stopping_patience: int = 0  # epochs without a better val score (train.select_by) before stopping; 0 disables
+    select_by: Literal["auroc", "loss"] = "auroc"  # best/ is the epoch with the highest val AUROC or the lowest val NLL
+    val_shifted: bool = True  # also validate the val batches under the shift proxy every epoch (val_shifted/*, one more forward pass)
+    ema_decay: float = 0.0  # EMA of the weights (e.g. 0.999), used for validation and best/; 0 disables
+    mixup_alpha: float = 0.0  # mixup: blend image pairs with Beta(alpha, alpha) weights, soft targets; 0 disables
+    cutmix_alpha: float = 0.0  # cutmix: paste a box of another image, area from Beta(alpha, alpha); 0 disables
+    mix_prob: float = 1.0  # share of batches mixed (mixup or cutmix, chosen 50/50 when both are on)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,10 @@ RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.epochs", lambda v: v >= 1, "must be >= 1"),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
     ("train.early_stopping_patience", lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    ("train.ema_decay", lambda v: v == 0 or 0.5 <= v < 1, "must be 0 (off) or in [0.5, 1), e.g. 0.999"),
+    ("train.mixup_alpha", lambda v: v >= 0, "must be >= 0 (0 disables), e.g. 0.2"),
+    ("train.cutmix_alpha", lambda v: v >= 0, "must be >= 0 (0 disables), e.g. 1.0"),
+    ("train.mix_prob", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("log.log_every", lambda v: v >= 1, "must be >= 1"),
 )
 _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}

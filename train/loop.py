@@ -32,6 +32,9 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                lr: float | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """One training step: forward (under `autocast`), fp32 loss, backward, clip, optimizer step.
 
+    `labels` are class indices (N,) or class probabilities (N × classes, e.g. from `train.mix`): the
+    cross-entropy takes both.
+
     The one definition of a step: `train_one_epoch` calls it with Accelerate's backward and clipping (a
     prepared model already runs its forward under Accelerate's autocast), and
     `scripts/benchmark_throughput.py` with plain torch, so the benchmark times what training runs. Returns
@@ -65,8 +68,14 @@ def train_one_epoch(
     log_every: int,
     logger: MetricsLogger,
     progress=None,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ema=None,
 ) -> dict[str, float]:
-    """Train over this rank's batches; returns the epoch's mean train loss (one host sync at the end)."""
+    """Train over this rank's batches; returns the epoch's mean train loss (one host sync at the end).
+
+    `mix` (train.mix.BatchMixer) turns a batch into mixed images and soft targets before the step; `ema`
+    (train.ema.WeightEMA) folds the weights into its average after every optimizer step.
+    """
     model.train()
     accum = accelerator.gradient_accumulation_steps
     # Whole accumulation groups only, so every optimizer step sees the same number of micro-batches.
@@ -82,9 +91,10 @@ def train_one_epoch(
         wait_start = time.perf_counter()
         batch = next(batches)
         window_wait += time.perf_counter() - wait_start
+        images, targets = mix(batch.images, batch.labels) if mix is not None else (batch.images, batch.labels)
         with accelerator.accumulate(model):
             loss_detached = train_step(
-                model, batch.images, batch.labels, loss_fn=loss_fn, optimizer=optimizer,
+                model, images, targets, loss_fn=loss_fn, optimizer=optimizer,
                 backward=accelerator.backward, clip_grad_norm=accelerator.clip_grad_norm_,
                 grad_clip_norm=grad_clip_norm, sync_gradients=accelerator.sync_gradients,
                 lr=lr_for_step(state.step))
@@ -95,6 +105,8 @@ def train_one_epoch(
         epoch_images += batch.labels.shape[0]
         if not accelerator.sync_gradients:
             continue
+        if ema is not None:
+            ema.update()
         state.step += 1
         window_steps += 1
         if progress is not None:
@@ -120,11 +132,16 @@ def train_one_epoch(
     return {"train/epoch_loss": mean}
 
 
+def nll(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (unweighted); NaN for no samples."""
+    clipped = np.clip(np.where(labels == 1, probs, 1.0 - probs), 1e-7, 1.0)
+    return float(-np.log(clipped).mean()) if len(labels) else float("nan")
+
+
 def evaluate(model: nn.Module, loader, accelerator: Accelerator, prefix: str = "val") -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of one split; the loss is the unweighted NLL of the de-duplicated predictions."""
     keys, probs, labels, _ = predict(model, loader, accelerator, tta=False)
-    clipped = np.clip(np.where(labels == 1, probs, 1.0 - probs), 1e-7, 1.0)
     metrics = {f"{prefix}/{k}": v for k, v in binary_metrics(labels, probs).items()}
-    metrics[f"{prefix}/loss"] = float(-np.log(clipped).mean()) if len(labels) else float("nan")
+    metrics[f"{prefix}/loss"] = nll(labels, probs)
     metrics[f"{prefix}/samples"] = len(keys)
     return metrics, labels, probs

@@ -38,11 +38,14 @@ from train.checkpoint import (
     try_resume,
 )
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
-from train.launch import build_accelerator, configure_cuda_backends, input_dtype
-from train.loop import evaluate, train_one_epoch
+from train.ema import WeightEMA
+from train.launch import build_accelerator, configure_cuda_backends, input_dtype, launch_precision
+from train.loop import train_one_epoch
+from train.mix import build_mixer
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, class_weights, lr_at
 from train.tracking import MetricsLogger
+from train.validate import selection_score, validate
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Derived:
     total_steps: int
     warmup_steps: int
     mixed_precision: str
+    precision_reason: str  # why this precision (launch request, device, CPU bf16 support)
     device: str
     loader: str
     loader_reason: str
@@ -158,6 +162,7 @@ def derive(cfg: Config, accelerator: Accelerator, train_loader) -> Derived:
         total_steps=total_steps,
         warmup_steps=min(total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch)),
         mixed_precision=accelerator.mixed_precision,
+        precision_reason=launch_precision().reason,
         device=str(accelerator.device),
         loader=train_loader.name,
         loader_reason=train_loader.reason,
@@ -195,11 +200,12 @@ def best_meta(cfg: Config, spec: PreprocessSpec, state: TrainState, metrics: dic
     }
 
 
-def resume(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, state: TrainState) -> Resumed | None:
+def resume(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, state: TrainState,
+           ema: WeightEMA | None = None) -> Resumed | None:
     """`try_resume`, refusing a checkpoint trained on other shards than `data.shards` holds now (the model's
     record of its training data would be wrong, and evaluation's training-overlap check with it)."""
     manifest_sha256 = state.manifest_sha256
-    resumed = try_resume(accelerator, run_dir, cfg.train.resume, model, optimizer, state)
+    resumed = try_resume(accelerator, run_dir, cfg.train.resume, model, optimizer, state, ema)
     if resumed is not None and state.manifest_sha256 != manifest_sha256:
         raise CheckpointError(
             f"{resumed.path} was trained on shards whose manifest sha256 is {state.manifest_sha256[:12]}, but "
@@ -216,7 +222,7 @@ def loader_builds(train_loader, val_loader) -> dict:
 
 
 def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-        data: TrainingData | None) -> None:
+        data: TrainingData | None, ema: WeightEMA | None = None) -> None:
     run_dir = Path(cfg.run.dir)
     lr_for_step = partial(lr_at, total_steps=derived.total_steps, warmup_steps=derived.warmup_steps,
                           base_lr=cfg.optim.lr, schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -229,27 +235,33 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
     for epoch in range(state.epoch, cfg.train.epochs):
         # Checked before the epoch, so relaunching an early-stopped run does not train one more epoch.
         if patience and state.epochs_since_best >= patience:
-            accelerator.print(f"early stopping: val AUROC has not improved for {patience} epochs")
+            accelerator.print(f"early stopping: val {cfg.train.select_by} has not improved for {patience} epochs")
             break
         train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         train_metrics = train_one_epoch(
             model=model, loader=train_loader, optimizer=optimizer, loss_fn=loss_fn, accelerator=accelerator,
             state=state, lr_for_step=lr_for_step, grad_clip_norm=cfg.optim.grad_clip_norm,
-            log_every=cfg.log.log_every, logger=logger, progress=progress)
+            log_every=cfg.log.log_every, logger=logger, progress=progress, ema=ema,
+            mix=build_mixer(cfg.train, epoch=epoch, rank=accelerator.process_index))
         train_time = time.perf_counter() - epoch_start
-        val_metrics, labels, probs = evaluate(model, val_loader, accelerator)
+        # With an EMA, validation, model selection and best/ all use the averaged weights.
+        val_metrics, labels, probs = validate(
+            ema.module if ema is not None else model, val_loader, accelerator, mean=spec.mean, std=spec.std,
+            shift_seed=cfg.data.shift_seed if cfg.train.val_shifted else None)
         state.epoch = epoch + 1
         state.train_time_s += train_time
-        auroc = val_metrics["val/auroc"]
-        score = auroc if np.isfinite(auroc) else float("-inf")
-        if score > state.best_auroc or state.best_epoch < 0:
-            state.best_auroc, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
+        score = selection_score(val_metrics, cfg.train.select_by)
+        if score > state.best_score or state.best_epoch < 0:
+            state.best_score, state.best_epoch, state.epochs_since_best = score, state.epoch, 0
+            auroc = val_metrics["val/auroc"]
+            state.best_auroc = auroc if np.isfinite(auroc) else float("-inf")
             if accelerator.is_main_process:
                 # Without keep_torch_compile=False a compiled model exports `_orig_mod.*` keys.
-                export_best(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, run_dir,
-                            {"meta.json": best_meta(cfg, spec, state, val_metrics, data),
-                             TRAIN_SAMPLES: data.train_samples})
+                best = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
+                meta = {**best_meta(cfg, spec, state, val_metrics, data),
+                        "weights": f"ema (decay {ema.decay})" if ema is not None else "raw"}
+                export_best(best, cfg, run_dir, {"meta.json": meta, TRAIN_SAMPLES: data.train_samples})
         else:
             state.epochs_since_best += 1
         logger.log({**train_metrics, **val_metrics, "val/best_auroc": state.best_auroc,
@@ -258,7 +270,8 @@ def fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, s
                     * derived.world_size / train_time}, step=state.step, epoch=state.epoch)
         logger.log_curves(labels, probs, step=state.step)
         state.wall_time_s += time.perf_counter() - epoch_start
-        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, model, optimizer, train_loader.state())
+        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, model, optimizer, train_loader.state(),
+                        ema=ema)
     if progress is not None:
         progress.close()
 
@@ -280,11 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     data = record_data(cfg, accelerator, manifest)
     accelerator.print(f"loader: {derived.loader} ({derived.loader_reason}); device {derived.device}, "
                       f"{derived.world_size} process(es), {torch.get_num_threads()} torch thread(s), "
-                      f"mixed precision {derived.mixed_precision}, "
+                      f"mixed precision {derived.mixed_precision} ({derived.precision_reason}), "
                       f"global batch {derived.global_batch_size}, {derived.steps_per_epoch} steps/epoch")
     model, optimizer, loss_fn = build_training(cfg, accelerator, manifest)
     state = TrainState(manifest_sha256=sha256_file(Path(cfg.data.shards) / MANIFEST_NAME))
-    resumed = resume(cfg, accelerator, run_dir, model, optimizer, state)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = WeightEMA(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.train.ema_decay)
+    resumed = resume(cfg, accelerator, run_dir, model, optimizer, state, ema)
     if resumed is not None:
         if resumed.loader_state is not None:
             train_loader.load_state(resumed.loader_state)
@@ -294,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                            resumed_step=state.step if resumed else None)
     try:
         fit(cfg, accelerator, model, optimizer, loss_fn, train_loader, val_loader, spec, derived, state, logger,
-            data)
+            data, ema)
         logger.summary({
             "best_val_auroc": state.best_auroc, "best_epoch": state.best_epoch, "epochs": state.epoch,
             "steps": state.step, "wall_time_s": state.wall_time_s,

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-def run_eval(run_dir: Path, *args: str, tmp: Path, ranks: int = 1) -> subprocess.CompletedProcess:
-    env = offline_env(tmp)
+def run_eval(run_dir: Path, *args: str, tmp: Path, ranks: int = 1, **env_extra: str) -> subprocess.CompletedProcess:
+    env = offline_env(tmp, **env_extra)
     if ranks == 1:
         cmd = [sys.executable, "-m", "eval.run", "--run", str(run_dir), *args]
     else:
@@ -124,8 +124,10 @@ def _operating_point_bytes(run_dir: Path) -> bytes | None:
 
 def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
     before = _operating_point_bytes(smoke_run)
+    # In the precision training validated in (bf16 where the CPU has native bf16), as `accelerate launch` sets it.
+    trained_in = json.loads((smoke_run / "summary.json").read_text())["mixed_precision"]
     result = run_eval(smoke_run, "--split", "val", "--threshold", "0.5", "--wandb", "false", "--bootstrap", "50",
-                      "--out", str(tmp_path / "val"), tmp=tmp_path)
+                      "--out", str(tmp_path / "val"), tmp=tmp_path, ACCELERATE_MIXED_PRECISION=trained_in)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "val" / "report.json").read_text())
     assert report["threshold"] == {"value": 0.5, "method": "fixed"}
@@ -137,6 +139,27 @@ def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
     # A fixed threshold is not chosen on validation: the run's operating point is left as it was.
     assert _operating_point_bytes(smoke_run) == before
     assert report["calibration"]["temperature"] > 0 and "calibrated_probs" in preds
+
+
+def test_val_shifted_split_reproduces_what_training_logged(smoke_run, tmp_path):
+    trained_in = json.loads((smoke_run / "summary.json").read_text())["mixed_precision"]
+    result = run_eval(smoke_run, "--split", "val-shifted", "--wandb", "false", "--bootstrap", "50", tmp=tmp_path,
+                      ACCELERATE_MIXED_PRECISION=trained_in)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = smoke_run / "eval-val-shifted"
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] == "val-shifted" and report["provenance"]["shift"]["seed"] == 0
+    logged = json.loads((smoke_run / "best" / "meta.json").read_text())["val_metrics"]
+    # The threshold comes from the clean val split (Youden's J), as training chose it for that epoch ...
+    assert report["threshold"]["chosen_on"] == "val"
+    assert report["threshold"]["value"] == pytest.approx(logged["val/youden_threshold"], abs=1e-6)
+    # ... and the shifted images are the ones training validated on: same AUROC and operating point.
+    assert report["metrics"]["auroc"]["value"] == pytest.approx(logged["val_shifted/auroc"], abs=1e-6)
+    assert report["metrics"]["recall"]["value"] == pytest.approx(logged["val_shifted/sensitivity"], abs=1e-6)
+    assert report["metrics"]["specificity"]["value"] == pytest.approx(logged["val_shifted/specificity"], abs=1e-6)
+    clean = R.read_predictions_csv(out / "val_predictions.csv")
+    shifted = R.read_predictions_csv(out / "predictions.csv")
+    assert clean["keys"] == shifted["keys"] and not np.allclose(clean["probs"], shifted["probs"])
 
 
 def test_missing_best_model_is_a_clear_error(tmp_path, tiny_shards):

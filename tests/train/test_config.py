@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,6 +100,16 @@ def test_preprocessing_keys_reach_the_spec_without_a_copy():
     ("--data.train_scale=[0.9, 0.2]", "data.train_scale"),
     ("--model.arch=resnet5O", "model.arch"),
     ("--train.epochs=0", "train.epochs"),
+    ("--train.ema_decay=0.2", "train.ema_decay"),
+    ("--train.ema_decay=1", "train.ema_decay"),
+    ("--train.mixup_alpha=-1", "train.mixup_alpha"),
+    ("--train.mix_prob=1.5", "train.mix_prob"),
+    ("--train.select_by=f1", "train.select_by"),
+    ("--data.train_gamma=3", "data.train_gamma"),
+    ("--data.train_affine_zoom=[1.2, 0.9]", "data.train_affine_zoom"),
+    ("--data.train_affine_translate=0.6", "data.train_affine_translate"),
+    ("--data.train_erase_prob=2", "data.train_erase_prob"),
+    ("--data.train_noise_std=-0.1", "data.train_noise_std"),
 ])
 def test_out_of_range_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -133,3 +144,16 @@ def test_help_lists_every_key_with_its_meaning(tmp_path):
 def test_recipes_load(recipe):
     cfg = load_config(f"train/configs/{recipe}.yaml")
     assert cfg.model.arch == "resnet50"
+
+
+def test_cpu_recipe_loads_and_comments_every_value():
+    # STYLE: each recipe YAML comments every non-default value with its reason.
+    cfg = load_config("train/configs/cpu.yaml")
+    assert cfg.model.arch == "resnet18" and cfg.data.image_size == 64
+    defaults = load_config(None)
+    lines = Path("train/configs/cpu.yaml").read_text().splitlines()
+    for section in ("data", "model", "optim", "train", "log"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            if getattr(getattr(cfg, section), f.name) != getattr(getattr(defaults, section), f.name):
+                line = next((x for x in lines if x.strip().startswith(f"{f.name}:")), "")
+                assert "#" in line, f"{section}.{f.name} differs from the default without a comment"

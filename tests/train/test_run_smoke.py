@@ -16,6 +16,7 @@ from pipelines.loaders import build_loader
 from pipelines.manifest import load_manifest
 from pipelines.spec import PreprocessSpec
 from train.config import read_config
+from train.launch import cpu_bf16_support
 from train.model import build_model
 
 
@@ -26,10 +27,16 @@ def smoke(smoke_training):
 
 def test_run_directory_is_complete(smoke, tiny_shards):
     run_dir, result = smoke
-    # accelerate_config.yaml asks for bf16; on CPU the run warns and trains in fp32.
-    assert "using fp32" in result.stderr
+    # accelerate_config.yaml asks for bf16: a CPU with native bf16 trains in bf16 and says why; any other
+    # CPU warns and trains in fp32.
+    native, why = cpu_bf16_support()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mixed_precision"] == "no"
+    if native:
+        assert summary["mixed_precision"] == "bf16" and "using fp32" not in result.stderr
+        assert "mixed precision bf16 (bf16 requested" in result.stdout and why in result.stdout
+    else:
+        assert summary["mixed_precision"] == "no" and "using fp32" in result.stderr
+        assert "mixed precision no (mixed_precision=bf16 requested" in result.stdout
     assert summary["epochs"] == 2 and summary["world_size"] == 1
     assert summary["steps"] == 2 * summary["steps_per_epoch"] > 0
     assert read_config(run_dir / "config.yaml").data.shards == str(tiny_shards)
@@ -49,7 +56,8 @@ def test_metrics_jsonl_has_train_val_and_perf_keys(smoke, tiny_shards):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     expected_val = load_manifest(tiny_shards)["splits"]["val"]["samples"]
     for key in ("val/loss", "val/accuracy", "val/precision", "val/recall", "val/specificity", "val/f1",
-                "val/auroc", "val/pr_auc"):
+                "val/auroc", "val/pr_auc", "val/youden_threshold", "val_shifted/auroc", "val_shifted/loss",
+                "val_shifted/sensitivity", "val_shifted/specificity"):
         assert key in val_rows[-1], key
     assert all(r["val/samples"] == expected_val for r in val_rows)  # every val sample counted exactly once
     steps = [r["step"] for r in records]
@@ -64,11 +72,15 @@ def test_best_model_reproduces_logged_val_auroc(smoke, tiny_shards):
     model.load_state_dict(load_file(str(run_dir / "best" / "model.safetensors")))
     model.eval()
     spec = PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
-    loader = build_loader(tiny_shards, "val", spec=spec, per_device_batch_size=8, train=False, num_workers=1)
+    # Recomputed in the precision training validated in (bf16 on a CPU with native bf16).
+    bf16 = json.loads((run_dir / "summary.json").read_text())["mixed_precision"] == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    loader = build_loader(tiny_shards, "val", spec=spec, per_device_batch_size=8, train=False, num_workers=1,
+                          dtype=dtype)
     labels, probs = [], []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for batch in loader:
-            probs.append(torch.softmax(model(batch.images), dim=1)[:, 1])
+            probs.append(torch.softmax(model(batch.images).float(), dim=1)[:, 1])
             labels.append(batch.labels)
     recomputed = auroc(torch.cat(labels).numpy(), torch.cat(probs).numpy())
     logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("epoch") == meta["epoch"] and "val/auroc" in r]
