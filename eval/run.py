@@ -55,6 +55,7 @@ from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
 from pipelines.shift import ShiftedBatches, base_split, describe
 from pipelines.spec import PreprocessSpec
+from train.cli import run_cli
 from train.config import Config, ConfigError, config_to_dict, read_config
 from train.launch import build_accelerator, input_dtype
 from train.model import build_model
@@ -283,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    run_cli(main, EvalError, ConfigError, ShardsError)
+
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (EvalError, ConfigError, ShardsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

@@ -37,6 +37,7 @@ from train.checkpoint import (
     save_checkpoint,
     try_resume,
 )
+from train.cli import run_cli
 from train.config import Config, ConfigError, DataConfig, config_to_dict, load_config, print_help, save_config
 from train.ema import WeightEMA
 from train.launch import build_accelerator, configure_cuda_backends, input_dtype, launch_precision
@@ -326,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    run_cli(main, ConfigError, ShardsError, CheckpointError)
+
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, ShardsError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()
