@@ -19,21 +19,19 @@ it is missing or belongs to another model; read by predict (`calibrated_probabil
 from __future__ import annotations
 
 import glob
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from eval import calibration as C
 from eval import metrics as M
-from pipelines.make_shards.convert import MAX_PIXELS, Rejected, _to_gray
+from pipelines.make_shards.convert import Rejected, open_gray
 from pipelines.make_shards.scan import IMAGE_SUFFIXES
 from pipelines.manifest import sha256_file
 from pipelines.plan import resolve_split
@@ -57,12 +55,8 @@ class Skipped:
     reason: str
 
 
-# DICOM is not predicted from files yet (make_shards decodes it; predict reads PIL formats only).
-PREDICT_SUFFIXES = IMAGE_SUFFIXES - {".dcm", ".dicom"}
-
-
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in PREDICT_SUFFIXES
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Skipped]]:
@@ -73,7 +67,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Skipped]]:
     """
     paths: list[str] = []
     skipped: list[Skipped] = []
-    suffixes = "/".join(sorted(PREDICT_SUFFIXES))
+    suffixes = "/".join(sorted(IMAGE_SUFFIXES))
 
     def add_found(found: list[Path], origin: str) -> None:
         images = [p for p in found if p.is_file() and not p.name.startswith(".")]
@@ -103,32 +97,13 @@ def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Skipped]]:
 
 
 def decode_gray(data: bytes) -> Image.Image:
-    """Encoded image -> upright 8-bit grayscale PIL image; `BadImage` with the reason otherwise."""
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise BadImage("not an image PIL can read (unknown or corrupt header)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImage(f"decompression-bomb guard: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short, a bad marker segment
-            raise BadImage(f"corrupt or truncated image header: {exc}") from None
-    # make_shards' limit: ~7x the largest Kermany original; checked before the pixels are decoded.
-    if image.width * image.height > MAX_PIXELS:
-        raise BadImage(f"{image.width}x{image.height} pixels exceeds the {MAX_PIXELS:,}-pixel decompression-bomb guard")
+    """Encoded image (PIL formats or DICOM) -> upright 8-bit grayscale PIL image, decoded exactly as make_shards
+    decodes its inputs (EXIF orientation, mode conversion, DICOM windowing); `BadImage` with the reason."""
     try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for corrupt or truncated data
-        raise BadImage(f"corrupt or truncated image data: {exc}") from None
-    # Phones and some PACS exports store the rotation in EXIF; the pixels are what training never saw.
-    image = ImageOps.exif_transpose(image)
-    try:
-        return _to_gray(image)
+        gray, _, _, _ = open_gray(data)
     except Rejected as exc:
         raise BadImage(str(exc)) from None
+    return gray
 
 
 def load_gray(path: str | Path) -> Image.Image:

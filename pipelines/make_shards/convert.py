@@ -86,6 +86,8 @@ def _open_pil(data: bytes, *, max_side: int, max_pixels: int):
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise Rejected("not a decodable image (unknown or corrupt header)") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short, a bad marker segment
+            raise Rejected(f"corrupt or truncated image header: {exc}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise Rejected(f"decompression bomb guard: {exc}") from None
     width, height = image.size
@@ -132,6 +134,17 @@ def _open_dicom(data: bytes, *, max_side: int, max_pixels: int):
     return Image.fromarray(pixels, "L"), target, False, info
 
 
+def open_gray(data: bytes, *, max_side: int = 0, max_pixels: int = MAX_PIXELS):
+    """Any input make_shards accepts (PIL formats, DICOM by its preamble) -> (upright 8-bit gray image, target
+    size, passthrough, info); `Rejected` with the reason otherwise. Also what `predict` decodes new images with."""
+    from pipelines.make_shards.dicom import is_dicom
+
+    if not data:
+        raise Rejected("zero-byte file")
+    opener = _open_dicom if is_dicom(data) else _open_pil
+    return opener(data, max_side=max_side, max_pixels=max_pixels)
+
+
 def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int = MAX_PIXELS):
     """Validate and convert one encoded image (a DICOM file is recognised by its preamble, not its name).
 
@@ -144,12 +157,7 @@ def convert_image(data: bytes, *, max_side: int, quality: int, max_pixels: int =
     """
     from PIL import Image
 
-    from pipelines.make_shards.dicom import is_dicom
-
-    if not data:
-        raise Rejected("zero-byte file")
-    opener = _open_dicom if is_dicom(data) else _open_pil
-    gray, target, passthrough, info = opener(data, max_side=max_side, max_pixels=max_pixels)
+    gray, target, passthrough, info = open_gray(data, max_side=max_side, max_pixels=max_pixels)
     if gray.size != target:
         gray = gray.resize(target, Image.Resampling.BILINEAR, reducing_gap=None)
     low, high = gray.getextrema()

@@ -108,7 +108,7 @@ def test_bad_inputs_are_listed_and_never_stop_the_batch(smoke_run, tiny_shards, 
     assert sorted(predicted) == sorted([good.name, "rgba.png", "sixteen_bit.png"])
     reasons = {Path(r["path"]).name: r["reason"] for r in read_csv(tmp_path / "out" / "skipped.csv")}
     assert set(reasons) == {"notes.png", "empty.jpg", "cut.jpeg", "readme.txt", "missing.jpeg", "*.png"}
-    assert "not an image" in reasons["notes.png"] and "empty" in reasons["empty.jpg"]
+    assert "not a decodable image" in reasons["notes.png"] and "zero-byte" in reasons["empty.jpg"]
     assert "truncated" in reasons["cut.jpeg"] and "no such file" in reasons["missing.jpeg"]
     assert "matches no file" in reasons["*.png"] and "not a" in reasons["readme.txt"]
     assert "6 skipped" in result.stdout and "cut.jpeg" in result.stdout
