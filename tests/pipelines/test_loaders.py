@@ -69,9 +69,10 @@ def _free_port() -> int:
 def test_two_ranks_disjoint_train_equal_batches_exactly_once_eval(tiny_shards, tmp_path, loader):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                    str(REPO / "tests/pipelines/_two_rank_worker.py"), str(tiny_shards), loader, str(tmp_path)],
-                   check=True, env=env, cwd=REPO, timeout=240, capture_output=True)
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                           str(REPO / "tests/pipelines/_two_rank_worker.py"), str(tiny_shards), loader, str(tmp_path)],
+                          env=env, cwd=REPO, timeout=240, capture_output=True, text=True)
+    assert done.returncode == 0, f"two-rank worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert {r["name"] for r in ranks} == {loader}
     assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == ranks[0]["train_len"] > 0
