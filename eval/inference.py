@@ -30,11 +30,12 @@ from PIL import Image
 from torch import nn
 
 from eval import calibration as C
-from eval import metrics as M
+from eval import threshold as T
 from pipelines.make_shards.convert import Rejected, open_gray
 from pipelines.make_shards.scan import IMAGE_SUFFIXES
 from pipelines.manifest import sha256_file
 from pipelines.plan import resolve_split
+from pipelines.shift import ShiftedBatches
 from pipelines.spec import PreprocessSpec
 from pipelines.torch_loader import build_transform
 
@@ -201,7 +202,7 @@ def read_operating_point(run_dir: Path) -> tuple[dict | None, str]:
 
 
 def fit_operating_point_on_val(run_dir: Path, cfg, spec: PreprocessSpec, model: nn.Module, accelerator) -> dict:
-    """Predict the run's validation split, choose the threshold (Youden's J) and fit T there; write calibration.json.
+    """Predict the run's validation split, choose the threshold (eval.run's default rule) and fit T there; write calibration.json.
 
     The single-process version of what `eval.run` does on validation, for a run that was never evaluated.
     `model` is moved (in place) to `accelerator.device`.
@@ -215,12 +216,17 @@ def fit_operating_point_on_val(run_dir: Path, cfg, spec: PreprocessSpec, model: 
                           train=False, loader=cfg.data.loader, device=accelerator.device, seed=cfg.train.seed,
                           num_workers=cfg.data.num_workers, hw_decoder_load=cfg.data.hw_decoder_load,
                           dtype=input_dtype(accelerator))
-    _, probs, labels, _ = predict(model.to(accelerator.device), loader, accelerator, tta=False)
-    choice = M.select_threshold(labels, probs, "youden")
+    keys, probs, labels, _ = predict(model.to(accelerator.device), loader, accelerator, tta=False)
+    # The same rule as eval.run's default: Youden's J on validation, clean and under the shift proxy, pooled.
+    shifted_keys, shifted_probs, _, _ = predict(
+        model, ShiftedBatches(loader, mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed), accelerator, tta=False)
+    order = {k: i for i, k in enumerate(shifted_keys)}
+    shifted_probs = np.asarray(shifted_probs)[[order[k] for k in keys]]
+    choice = T.choose(T.DEFAULT_RULE, labels, probs, shifted_probs, "youden")
     point = build_operating_point(
         threshold=choice["threshold"], threshold_info=choice, calibration=C.fit_on_validation(labels, probs),
         model_sha256=sha256_file(run_dir / "best" / "model.safetensors"),
-        source={"split": cfg.data.val_split, "samples": int(labels.size), "shards": str(shards),
+        source={"split": choice["chosen_on"], "samples": int(labels.size), "shards": str(shards),
                 "manifest_sha256": sha256_file(shards / "manifest.json"), "loader": loader.name,
                 "by": "scripts/predict.py or scripts/export_model.py (no eval.run operating point)"})
     write_operating_point(run_dir, point)

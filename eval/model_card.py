@@ -92,7 +92,7 @@ def render_model_card(report: dict, cfg: dict, meta: dict, manifest: dict) -> st
         f"centre crop {size} x {size}, normalised with the training shards' mean {spec.get('mean')} and std "
         f"{spec.get('std')}.",
         f"- Output: P(PNEUMONIA) = softmax(logits)[1]. Called PNEUMONIA at P >= **{t['value']:.4g}** "
-        f"({t['method']}{', chosen on the validation split' if t.get('chosen_on') == 'val' else ''}).",
+        f"({t['method']}{', chosen on `' + t['chosen_on'] + '`' if t.get('chosen_on') else ''}).",
         "",
         "## Data",
         *data_lines(manifest, prov.get("sha256", {}).get("manifest", ""), prov.get("shards", "")),

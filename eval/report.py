@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from eval import calibration as C
 from eval import metrics as M
+from eval.threshold import transfer_markdown
 from pipelines.manifest import LABELS
 from pipelines.shards import resolve_split
 
@@ -276,9 +277,12 @@ def subtype_table(subtypes: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     t = report["threshold"]
+    on = {"val": "the validation split", "val-shifted": "the validation split under the shift proxy",
+          "val+val-shifted": "the validation split, clean and under the shift proxy, pooled"}.get(
+        t.get("chosen_on", "val"), t.get("chosen_on", ""))
     how = {
-        "youden": "Youden's J maximised on the validation split",
-        "sensitivity": f"highest threshold reaching sensitivity {t.get('target_sensitivity')} on the validation split",
+        "youden": f"Youden's J maximised on {on}",
+        "sensitivity": f"highest threshold reaching sensitivity {t.get('target_sensitivity')} on {on}",
         "fixed": "fixed by the user",
     }.get(t["method"], t["method"])
     lines = [
@@ -313,7 +317,11 @@ def render_markdown(report: dict) -> str:
     if "validation" in t:
         v = t["validation"]
         lines += ["", f"At this threshold on the validation split ({v['samples']} samples): sensitivity "
-                  f"{v['recall']:.3f}, specificity {v['specificity']:.3f}."]
+                  f"{v['recall']:.3f}, specificity {v['specificity']:.3f}"
+                  + (f"; under the shift proxy: sensitivity {t['validation_shifted']['recall']:.3f}, specificity "
+                     f"{t['validation_shifted']['specificity']:.3f}." if "validation_shifted" in t else ".")]
+    if "transfer" in t:
+        lines += ["", *transfer_markdown(t["transfer"], t.get("chosen_on", ""))]
     hashes = report["provenance"].get("sha256", {})
     if hashes:
         lines += ["", "Provenance (sha256):"] + [f"- {k}: `{v}`" for k, v in hashes.items()]

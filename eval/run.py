@@ -3,7 +3,7 @@
     python -m eval.run --run runs/demo --split test
 
     python -m eval.run --run RUN_DIR [--split test|val-shifted] [--shards DIR] [--threshold val|0.5|FLOAT]
-        [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
+        [--threshold-on val|val-shifted|val+val-shifted] [--target-sensitivity 0.95] [--tta] [--batch-size N] [--loader auto|dali|torch] [--wandb true|false]
         [--allow-other-shards]
 
 Multi-GPU / multi-process (each sample is predicted on one rank and counted exactly once):
@@ -16,15 +16,20 @@ Multi-GPU / multi-process (each sample is predicted on one rank and counted exac
 Loads `RUN_DIR/best/model.safetensors` with `best/config.yaml` and the preprocessing of `best/meta.json`,
 and writes `RUN_DIR/eval-<split>/`: report.json, report.md, model_card.md, predictions.csv (raw and calibrated
 probabilities), confusion_matrix.png, roc_curve.png, pr_curve.png, reliability_diagram.png, gradcam_grid.png
-(and val_predictions.csv for a split other than validation).
+(and val_predictions.csv / val_shifted_predictions.csv for a split other than those).
 `--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
 model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
-unchanged to the requested split; the test set is never used to pick it. The calibration temperature is
+unchanged to the requested split; the test set is never used to pick it. Which validation predictions:
+`--threshold-on val+val-shifted` (the default) pools the clean split with the same images under the shift
+proxy, so the threshold holds up at other sites too; `val` alone is the classic choice, which shift moves
+(eval/threshold.py). Every report carries the transfer table that compares the three rules on held-out
+validation patients, clean and shifted. The calibration temperature is
 fitted on validation too (always); with `--threshold val` both are saved as the run's operating point,
 `RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
 `--split val-shifted` (any `<split>-shifted`) evaluates that split under the acquisition-shift proxy of
-pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; threshold and
-temperature still come from the clean validation split (the Grad-CAM grid shows the unshifted images).
+pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; the temperature
+still comes from the clean validation split (the Grad-CAM grid shows the unshifted images). Training's
+`val_shifted/*` metrics use the clean-val threshold: `--threshold-on val` reproduces them.
 Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
 unless `--allow-other-shards`; every report counts its samples that were in the model's training split
 (`provenance.data.in_training_split`, matched by content: see eval/provenance.py) and report.md opens with a
@@ -39,12 +44,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from eval import metrics as M
 from eval import report as R
+from eval import threshold as T
 from eval.calibration import fit_on_validation
 from eval.gradcam import write_gradcam_grid
 from eval.inference import build_operating_point, write_operating_point
@@ -53,7 +60,7 @@ from eval.predict import TTA_DESCRIPTION, predict
 from eval.provenance import check_training_overlap, flag_report, other_shards_problem
 from pipelines.loaders import LOADERS, build_loader
 from pipelines.manifest import ShardsError, load_manifest, sha256_file
-from pipelines.shift import ShiftedBatches, base_split, describe
+from pipelines.shift import SHIFTED_SUFFIX, ShiftedBatches, base_split, describe
 from pipelines.spec import PreprocessSpec
 from train.cli import run_cli
 from train.config import Config, ConfigError, config_to_dict, read_config
@@ -77,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", type=Path, help="shards folder (default: the run's data.shards)")
     parser.add_argument("--threshold", default="val",
                         help="'val': choose on the validation split and apply unchanged; or a fixed number, e.g. 0.5")
+    parser.add_argument("--threshold-on", choices=T.RULES, default=T.DEFAULT_RULE,
+                        help="with --threshold val: the validation predictions that choose it: clean, under the "
+                             "shift proxy, or both pooled (default: %(default)s; see eval/threshold.py)")
     parser.add_argument("--target-sensitivity", type=float,
                         help="with --threshold val: the most specific threshold reaching this sensitivity "
                              "on validation, instead of Youden's J")
@@ -151,21 +161,41 @@ def preprocess_spec(meta: dict, cfg: Config, manifest: dict, shards: Path | None
                         "trained on, or rebuild these with scripts/make_shards.py") from exc
 
 
-def choose_threshold(args, val_predictions) -> tuple[float, dict]:
+def choose_threshold(args, val_predictions, shifted_predictions, groups) -> tuple[float, dict]:
+    """The decision threshold and how it was chosen; with `--threshold val` also the transfer table.
+
+    `val_predictions` / `shifted_predictions`: (keys, probs, labels, _) of the clean and shifted validation
+    split in the same key order; `groups`: the patient of each validation sample.
+    """
     if args.threshold != "val":
         return float(args.threshold), {"method": "fixed"}
     _, val_probs, val_labels, _ = val_predictions
+    shifted_probs = shifted_predictions[1]
     method = "youden" if args.target_sensitivity is None else "sensitivity"
+    target = args.target_sensitivity or 0.95
     try:
-        choice = M.select_threshold(val_labels, val_probs, method, args.target_sensitivity or 0.95)
+        choice = T.choose(args.threshold_on, val_labels, val_probs, shifted_probs, method, target)
     except ValueError as exc:
         raise EvalError(f"--threshold val: {exc} (e.g. --threshold 0.5)") from exc
-    at = M.binary_metrics(val_labels, val_probs, choice["threshold"])
     info = {k: v for k, v in choice.items() if k not in ("threshold", "sensitivity", "specificity")}
-    info["chosen_on"] = "val"
-    info["validation"] = {"samples": int(len(val_labels)), "recall": at["recall"], "specificity": at["specificity"],
-                          "youden_j": choice["youden_j"]}
+    for name, probs in (("validation", val_probs), ("validation_shifted", shifted_probs)):
+        at = M.binary_metrics(val_labels, probs, choice["threshold"])
+        info[name] = {"samples": int(len(val_labels)), "recall": at["recall"], "specificity": at["specificity"],
+                      "accuracy": at["accuracy"]}
+    if len(set(groups)) >= 2:
+        info["transfer"] = T.transfer_table(val_labels, val_probs, shifted_probs, groups, method=method,
+                                            target_sensitivity=target)
     return choice["threshold"], info
+
+
+def aligned(predictions, keys) -> tuple:
+    """`predictions` (keys, probs, labels, _) reordered to `keys`; the same samples or an EvalError."""
+    index = {k: i for i, k in enumerate(predictions[0])}
+    if sorted(index) != sorted(keys):
+        raise EvalError("the shifted and clean validation passes predicted different samples; re-run, and report "
+                        "this if it repeats")
+    order = np.array([index[k] for k in keys], dtype=np.int64)
+    return list(keys), np.asarray(predictions[1])[order], np.asarray(predictions[2])[order], None
 
 
 def provenance(args, run_dir: Path, shards: Path, cfg: Config, meta: dict, loader, accelerator) -> dict:
@@ -228,14 +258,25 @@ def main(argv: list[str] | None = None) -> int:
     if shifted:
         loader = ShiftedBatches(loader, mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed)
     keys, probs, labels, tta_probs = predict(model, loader, accelerator, args.tta)
+    val_shifted = cfg.data.val_split + SHIFTED_SUFFIX
     val_predictions = (keys, probs, labels, None) if args.split == cfg.data.val_split else \
         predict(model, loader_for(cfg.data.val_split), accelerator, tta=False)
+    # The threshold rules and their transfer table need validation under the shift proxy too (one more pass).
+    shifted_predictions = None
+    if args.threshold == "val":
+        shifted_predictions = (keys, probs, labels, None) if args.split == val_shifted else predict(
+            model, ShiftedBatches(loader_for(cfg.data.val_split), mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed),
+            accelerator, tta=False)
     if not accelerator.is_main_process:
         # The gather above was the last collective: no barrier here, so an error on rank 0 (e.g. a one-class
         # validation split) ends the job instead of leaving the other ranks waiting for it.
         return 0
 
-    threshold, threshold_info = choose_threshold(args, val_predictions)
+    val_metadata = R.load_sample_metadata(shards, cfg.data.val_split, manifest)
+    if shifted_predictions is not None:
+        shifted_predictions = aligned(shifted_predictions, val_predictions[0])
+    groups = [val_metadata.get(k, {}).get("patient") or k for k in val_predictions[0]]
+    threshold, threshold_info = choose_threshold(args, val_predictions, shifted_predictions, groups)
     calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])
     data_check = check_training_overlap(meta, run_dir / "best", shards, manifest,
                                         [split, cfg.data.val_split], args.allow_other_shards)
@@ -260,13 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         write_operating_point(run_dir, build_operating_point(
             threshold=threshold, threshold_info=threshold_info, calibration=calibration,
             model_sha256=report["provenance"]["sha256"]["model"],
-            source={"split": cfg.data.val_split, "samples": threshold_info["validation"]["samples"], "shards": str(shards),
+            source={"split": threshold_info["chosen_on"], "samples": threshold_info["validation"]["samples"], "shards": str(shards),
                     "manifest_sha256": report["provenance"]["sha256"]["manifest"], "loader": loader.name,
                     "by": report["provenance"]["command"]}))
     if args.split != cfg.data.val_split:
         val_keys, val_probs, val_labels, _ = val_predictions
         R.write_predictions_csv(out_dir / "val_predictions.csv", val_keys, val_labels, val_probs, threshold,
-                                R.load_sample_metadata(shards, cfg.data.val_split, manifest))
+                                val_metadata)
+    if shifted_predictions is not None and args.split != val_shifted:
+        shifted_keys, shifted_probs, shifted_labels, _ = shifted_predictions
+        R.write_predictions_csv(out_dir / "val_shifted_predictions.csv", shifted_keys, shifted_labels, shifted_probs,
+                                threshold, val_metadata)
     use_wandb = cfg.log.wandb if args.wandb is None else args.wandb == "true"
     if use_wandb:
         from eval.wandb_logging import log_eval_run

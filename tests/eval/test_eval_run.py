@@ -41,18 +41,25 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
     result = run_eval(smoke_run, "--split", "test", "--tta", "--wandb", "true", "--bootstrap", "300", tmp=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = smoke_run / "eval-test"
-    for name in ("report.json", "report.md", "predictions.csv", "val_predictions.csv", "confusion_matrix.png",
+    for name in ("report.json", "report.md", "predictions.csv", "val_predictions.csv", "val_shifted_predictions.csv",
+                 "confusion_matrix.png",
                  "roc_curve.png", "pr_curve.png", "reliability_diagram.png", "gradcam_grid.png", "model_card.md"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((Path(report["provenance"]["shards"]) / "manifest.json").read_text())
     assert report["samples"] == manifest["splits"]["test"]["samples"]  # every test image, once
 
-    # The threshold is the one Youden's J picks on the saved validation predictions, applied to test.
+    # The threshold is the one Youden's J picks on the saved validation predictions, clean and shifted
+    # pooled (the default rule), applied to test; the transfer table compares the rules on held-out patients.
     val = R.read_predictions_csv(out / "val_predictions.csv")
-    assert len(val["keys"]) == manifest["splits"]["val"]["samples"]
-    assert report["threshold"]["method"] == "youden" and report["threshold"]["chosen_on"] == "val"
-    assert report["threshold"]["value"] == M.select_threshold(val["labels"], val["probs"])["threshold"]
+    val_shifted = R.read_predictions_csv(out / "val_shifted_predictions.csv")
+    assert len(val["keys"]) == manifest["splits"]["val"]["samples"] and val_shifted["keys"] == val["keys"]
+    assert not np.allclose(val["probs"], val_shifted["probs"])
+    assert report["threshold"]["method"] == "youden" and report["threshold"]["chosen_on"] == "val+val-shifted"
+    assert report["threshold"]["value"] == M.select_threshold(np.r_[val["labels"], val_shifted["labels"]],
+                                                              np.r_[val["probs"], val_shifted["probs"]])["threshold"]
+    assert set(report["threshold"]["transfer"]["rules"]) == {"val", "val-shifted", "val+val-shifted"}
+    assert "| val+val-shifted (used) |" in (out / "report.md").read_text()
 
     test = R.read_predictions_csv(out / "predictions.csv")
     again = R.build_report(test["keys"], test["labels"], test["probs"], split="test",
@@ -143,8 +150,8 @@ def test_fixed_threshold_on_val_split(smoke_run, tmp_path):
 
 def test_val_shifted_split_reproduces_what_training_logged(smoke_run, tmp_path):
     trained_in = json.loads((smoke_run / "summary.json").read_text())["mixed_precision"]
-    result = run_eval(smoke_run, "--split", "val-shifted", "--wandb", "false", "--bootstrap", "50", tmp=tmp_path,
-                      ACCELERATE_MIXED_PRECISION=trained_in)
+    result = run_eval(smoke_run, "--split", "val-shifted", "--threshold-on", "val", "--wandb", "false",
+                      "--bootstrap", "50", tmp=tmp_path, ACCELERATE_MIXED_PRECISION=trained_in)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = smoke_run / "eval-val-shifted"
     report = json.loads((out / "report.json").read_text())
