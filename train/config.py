@@ -87,6 +87,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # mixup: blend image pairs with Beta(alpha, alpha) weights, soft targets; 0 disables
     cutmix_alpha: float = 0.0  # cutmix: paste a box of another image, area from Beta(alpha, alpha); 0 disables
     mix_prob: float = 1.0  # share of batches mixed (mixup or cutmix, chosen 50/50 when both are on)
+    cpu_threads: int = 0  # CPU runs: torch threads per process; 0 = the cores data.num_workers leaves free (OMP_NUM_THREADS wins)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.mixup_alpha", lambda v: v >= 0, "must be >= 0 (0 disables), e.g. 0.2"),
     ("train.cutmix_alpha", lambda v: v >= 0, "must be >= 0 (0 disables), e.g. 1.0"),
     ("train.mix_prob", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("train.cpu_threads", lambda v: v >= 0, "must be >= 0 (0: the cores data.num_workers leaves free)"),
     ("log.log_every", lambda v: v >= 1, "must be >= 1"),
 )
 _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}

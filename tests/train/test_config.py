@@ -157,3 +157,31 @@ def test_cpu_recipe_loads_and_comments_every_value():
             if getattr(getattr(cfg, section), f.name) != getattr(getattr(defaults, section), f.name):
                 line = next((x for x in lines if x.strip().startswith(f"{f.name}:")), "")
                 assert "#" in line, f"{section}.{f.name} differs from the default without a comment"
+
+
+def test_cpu_threads_key_env_and_default(monkeypatch):
+    """OMP_NUM_THREADS wins, then train.cpu_threads, then the cores data.num_workers leaves free."""
+    import types
+
+    import torch
+
+    from train.run import configure_cpu_threads
+
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
+    try:
+        configure_cpu_threads(load_config(None, ["--data.num_workers=1"]), cpu)
+        assert torch.get_num_threads() == 3
+        configure_cpu_threads(load_config(None, ["--data.num_workers=1", "--train.cpu_threads=2"]), cpu)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        configure_cpu_threads(load_config(None, ["--train.cpu_threads=2"]), cpu)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ConfigError, match="train.cpu_threads"):
+            load_config(None, ["--train.cpu_threads=-1"])
+    finally:
+        torch.set_num_threads(before)
