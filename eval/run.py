@@ -19,12 +19,13 @@ probabilities), confusion_matrix.png, roc_curve.png, pr_curve.png, reliability_d
 (and val_predictions.csv for a split other than validation).
 `--threshold val` (the default) chooses the threshold on the validation split's predictions of the same
 model (Youden's J, or the most specific threshold reaching `--target-sensitivity`) and applies it
-unchanged to the requested split; the test set is never used to pick it. The calibration temperature is
-fitted on validation too (always); with `--threshold val` both are saved as the run's operating point,
-`RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
+unchanged to the requested split; the test set is never used to pick it. The calibration (temperature or
+Platt scaling, chosen by cross-validated NLL) is fitted on validation too (always); with `--threshold val`
+both are saved as the run's operating point, `RUN_DIR/calibration.json`, which `scripts/predict.py` and
+`scripts/export_model.py` use.
 `--split val-shifted` (any `<split>-shifted`) evaluates that split under the acquisition-shift proxy of
 pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; threshold and
-temperature still come from the clean validation split (the Grad-CAM grid shows the unshifted images).
+calibration still come from the clean validation split (the Grad-CAM grid shows the unshifted images).
 Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
 unless `--allow-other-shards`; every report counts its samples that were in the model's training split
 (`provenance.data.in_training_split`, matched by content: see eval/provenance.py) and report.md opens with a
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         raise EvalError(problem)
     split, shifted = base_split(args.split, manifest["splits"])
-    # Validation is always predicted: the temperature (and, with --threshold val, the threshold) is fitted there.
+    # Validation is always predicted: the calibration (and, with --threshold val, the threshold) is fitted there.
     for needed in {split, cfg.data.val_split}:
         if needed not in manifest["splits"]:
             raise EvalError(f"split {needed!r} is not in {shards / 'manifest.json'} "
