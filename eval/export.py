@@ -43,14 +43,20 @@ class NormalizedClassifier(nn.Module):
 def export_metadata(*, run_dir: Path, arch: str, spec: PreprocessSpec, point: dict, model_sha256: str) -> dict[str, str]:
     """String key/values for ONNX `metadata_props` and TorchScript's extra file: how to feed and read the model."""
     size = spec.image_size
+    cal = point["calibration"]
+    method, split = cal["method"], point["source"]["split"]
+    how = "chosen by cross-validated NLL and fitted" if "nll" in cal.get("selection", {}) else "fitted"
     return {
         "input": f"{INPUT_NAME}: float32 N x {spec.channels} x {size} x {size}, pixel values in [0, 1] (8-bit gray / 255)",
         "preprocessing": (f"8-bit grayscale (EXIF orientation applied); resize the shorter side to {spec.eval_resize_size} "
                           f"px (antialiased bilinear); centre crop {size} x {size}; divide by 255. Normalisation "
                           "(x - mean) / std is inside the graph."),
         "output": f"{OUTPUT_NAME}: float32 N x 2 for labels in order; P(PNEUMONIA) = softmax(logits)[:, 1]",
-        "decision": ("PNEUMONIA when softmax(logits)[:, 1] >= threshold (raw probability); calibrated "
-                     "probability = softmax(logits / temperature)[:, 1]"),
+        "decision": "PNEUMONIA when softmax(logits)[:, 1] >= threshold (the raw probability, not the calibrated one)",
+        "calibration": (f"calibrated P(PNEUMONIA) = sigmoid(slope * (logits[:, 1] - logits[:, 0]) + intercept): "
+                        f"{method} scaling, {how} on the {split} split. `temperature` is temperature scaling's own "
+                        "fit, softmax(logits / temperature)[:, 1], kept for readers of older exports"
+                        + ("" if method == "temperature" else " (its cross-validated NLL was the higher one)")),
         "labels": json.dumps(list(LABELS)),
         "image_size": str(size),
         "channels": str(spec.channels),
@@ -58,8 +64,11 @@ def export_metadata(*, run_dir: Path, arch: str, spec: PreprocessSpec, point: di
         "mean": repr(float(spec.mean)),
         "std": repr(float(spec.std)),
         "threshold": repr(float(point["threshold"])),
-        "threshold_method": f"{point.get('threshold_method', '')} on the {point['source']['split']} split",
-        "temperature": repr(float(point["temperature"])),
+        "threshold_method": f"{point.get('threshold_method', '')} on the {split} split",
+        "calibration_method": method,
+        "slope": repr(float(cal["slope"])),
+        "intercept": repr(float(cal["intercept"])),
+        "temperature": repr(float(cal["temperature"])),
         "arch": arch,
         "run": run_dir.name,
         "model_sha256": model_sha256,

@@ -6,11 +6,12 @@
 
 Input of the exported model: float32 images in [0, 1], N x C x H x W at the run's image size (any N); output:
 (N, 2) logits. The file carries how to preprocess and read it (ONNX `metadata_props`; TorchScript extra file
-`metadata.json`): mean, std, image_size, channels, labels, the threshold and temperature chosen on the
-validation split (RUN_DIR/calibration.json, written by `python -m eval.run`; fitted now if missing). After
-writing, the file is run (onnxruntime on the CPU, or torch.jit.load) on random batches of 1 and 3 images and
-compared with the PyTorch model: exit 1 when a logit differs by more than 1e-4. ONNX needs the `export`
-extra: `pip install -e '.[export]'` (onnx, onnxscript, onnxruntime).
+`metadata.json`): mean, std, image_size, channels, labels, the threshold and the calibration (method,
+slope, intercept, temperature) chosen on the validation split (RUN_DIR/calibration.json, written by
+`python -m eval.run`; fitted now if missing). After writing, the file is run (onnxruntime on the CPU, or
+torch.jit.load) on random batches of 1 and 3 images and compared with the PyTorch model: exit 1 when a logit
+differs by more than 1e-4. ONNX needs the `export` extra: `pip install -e '.[export]'` (onnx, onnxscript,
+onnxruntime).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from eval import calibration as C
 from eval import export as X
 from eval.inference import OperatingPointError, ensure_operating_point
 from eval.run import EvalError, load_trained, preprocess_spec
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     write = X.export_onnx if args.format == "onnx" else X.export_torchscript
     write(module, spec, args.out, metadata)
     print(f"wrote {args.out} ({args.format}; input {metadata['input']}; threshold {float(metadata['threshold']):.4g} "
-          f"and temperature {float(metadata['temperature']):.4g} from {source})")
+          f"and calibration {C.describe_calibration(point['calibration'])} from {source})")
     if args.check:
         diff = X.parity(args.out, args.format, module, spec)
         print(f"parity with PyTorch on batches of 1 and 3: max |logit difference| {diff:.2e} (limit {MAX_LOGIT_DIFF:g})")

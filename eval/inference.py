@@ -10,7 +10,8 @@ used range, alpha onto black). The one difference left: `make_shards` caps the l
 evaluation size (both antialiased).
 
 The run's operating point, `RUN_DIR/calibration.json`: the decision threshold chosen on the validation split
-(on raw probabilities) and the temperature fitted there, with the sha256 of the model they belong to. Written
+(on raw probabilities) and the calibration map chosen and fitted there (`eval.calibration.fit_on_validation`:
+temperature or Platt scaling), with the sha256 of the model they belong to. Written
 by `python -m eval.run` when it chooses the threshold on validation (the default), or by predict/export when
 it is missing or belongs to another model; read by predict (`calibrated_probability`, `call`) and export
 (model metadata).
@@ -40,7 +41,8 @@ from pipelines.spec import PreprocessSpec
 from pipelines.torch_loader import build_transform
 
 OPERATING_POINT_FILE = "calibration.json"
-OPERATING_POINT_VERSION = 1
+# 2: `calibration` holds the chosen map (method, slope, intercept, temperature); 1 had a temperature only.
+OPERATING_POINT_VERSION = 2
 
 
 class BadImage(ValueError):
@@ -154,9 +156,10 @@ def pneumonia_probability(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), dim=1)[:, 1].numpy().astype(np.float64)
 
 
-def calibrated_probability(logits: torch.Tensor, temperature: float) -> np.ndarray:
-    """softmax(logits / T)[1] from the exact logits (no float32 saturation, unlike recovering them from p)."""
-    return C.sigmoid(C.binary_logits(logits.double().numpy()) / temperature)
+def calibrated_probability(logits: torch.Tensor, cal: dict) -> np.ndarray:
+    """sigmoid(slope * (l1 - l0) + intercept) from the exact logits (no float32 saturation, unlike recovering
+    them from p); `cal`: a calibration map such as calibration.json's `calibration`."""
+    return C.apply_calibration_to_logits(logits.double().numpy(), cal)
 
 
 # --- the operating point --------------------------------------------------------------------------------
@@ -164,14 +167,17 @@ def calibrated_probability(logits: torch.Tensor, temperature: float) -> np.ndarr
 
 def build_operating_point(*, threshold: float, threshold_info: dict, calibration: dict, model_sha256: str,
                           source: dict) -> dict:
-    """The content of calibration.json: decision threshold and temperature, both chosen on validation."""
+    """The content of calibration.json: decision threshold and calibration map, both chosen on validation.
+
+    `calibration`: `eval.calibration.fit_on_validation`'s result, kept whole (the map, both fits, how the
+    method was chosen, the in-sample and out-of-fold validation summaries).
+    """
     return {
         "version": OPERATING_POINT_VERSION,
         "threshold": float(threshold),
         "threshold_method": threshold_info.get("method", ""),
         **({"target_sensitivity": threshold_info["target_sensitivity"]} if "target_sensitivity" in threshold_info else {}),
-        "temperature": calibration["temperature"],
-        "val": calibration["val"],
+        "calibration": calibration,
         "model_sha256": model_sha256,
         "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -195,14 +201,17 @@ def read_operating_point(run_dir: Path) -> tuple[dict | None, str]:
         point = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return None, f"{path} cannot be read ({exc})"
-    current = sha256_file(run_dir / "best" / "model.safetensors")
-    if point.get("version") != OPERATING_POINT_VERSION or point.get("model_sha256") != current:
+    if point.get("version") != OPERATING_POINT_VERSION:
+        return None, (f"{path} has format version {point.get('version')!r}, not {OPERATING_POINT_VERSION} "
+                      "(written by an older eval.run); it is refitted")
+    if point.get("model_sha256") != sha256_file(run_dir / "best" / "model.safetensors"):
         return None, f"{path} belongs to another best model (sha256 differs); it is refitted"
     return point, ""
 
 
 def fit_operating_point_on_val(run_dir: Path, cfg, spec: PreprocessSpec, model: nn.Module, accelerator) -> dict:
-    """Predict the run's validation split, choose the threshold (eval.run's default rule) and fit T there; write calibration.json.
+    """Predict the run's validation split, choose the threshold (eval.run's default rule) and fit the calibration
+    there; write calibration.json.
 
     The single-process version of what `eval.run` does on validation, for a run that was never evaluated.
     `model` is moved (in place) to `accelerator.device`.

@@ -97,7 +97,7 @@ def render_model_card(report: dict, cfg: dict, meta: dict, manifest: dict) -> st
         "## Data",
         *data_lines(manifest, prov.get("sha256", {}).get("manifest", ""), prov.get("shards", "")),
         "",
-        f"Trained on `{_value(cfg, 'data', 'train_split')}`; checkpoint, threshold and temperature chosen on "
+        f"Trained on `{_value(cfg, 'data', 'train_split')}`; checkpoint, threshold and calibration chosen on "
         f"`{_value(cfg, 'data', 'val_split')}`; reported on `{split}`.",
         "",
         "## Training recipe",

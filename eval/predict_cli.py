@@ -17,8 +17,9 @@ input's size, for the class called. Exit status 0 when at least one image was pr
 
 `call` is PNEUMONIA when probability >= the run's threshold: `--threshold` if given, else the one in
 RUN_DIR/calibration.json (chosen on validation by `python -m eval.run`), else one chosen now on the run's
-validation split (Youden's J) and saved there. `calibrated_probability` is softmax(logits / T) with the
-temperature T fitted on validation (same file); it is left empty when no validation split can be read.
+validation split (Youden's J) and saved there. `calibrated_probability` is sigmoid(slope * (l1 - l0) +
+intercept), the calibration map chosen and fitted on validation (same file: Platt scaling, or temperature
+scaling with slope 1/T and intercept 0); it is left empty when no validation split can be read.
 Runs in fp32 on the GPU when there is one (`--cpu` to stay on the CPU).
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from eval import calibration as C
 from eval import inference as I
 from eval.run import EvalError, load_trained, preprocess_spec
 from pipelines.manifest import LABELS, ShardsError, load_manifest
@@ -62,26 +64,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def operating_point(args, cfg, spec, model, accelerator) -> tuple[float, float | None, str]:
-    """(threshold, temperature or None, where they come from)."""
+def operating_point(args, cfg, spec, model, accelerator) -> tuple[float, dict | None, str]:
+    """(threshold, calibration map or None, where they come from)."""
     try:
         point, source = I.ensure_operating_point(args.run, cfg, spec, model, accelerator)
     except I.OperatingPointError as exc:
         if args.threshold is None:
             raise PredictError(f"{exc}, or pass --threshold") from exc
-        print(f"warning: no temperature ({exc}); calibrated_probability is left empty", file=sys.stderr)
+        print(f"warning: no calibration ({exc}); calibrated_probability is left empty", file=sys.stderr)
         return args.threshold, None, "--threshold"
     if args.threshold is not None:
-        return args.threshold, point["temperature"], "--threshold"
-    return point["threshold"], point["temperature"], source
+        return args.threshold, point["calibration"], "--threshold"
+    return point["threshold"], point["calibration"], source
 
 
 def predict_batch(model, cfg, spec, accelerator, batch: list[tuple[int, str, torch.Tensor]], threshold: float,
-                  temperature: float | None, cam_dir: Path | None) -> list[dict]:
+                  calibration: dict | None, cam_dir: Path | None) -> list[dict]:
     images = torch.stack([x for _, _, x in batch])
     logits = I.predict_logits(model, images, accelerator.device, cfg.model.channels_last)
     probs = I.pneumonia_probability(logits)
-    calibrated = I.calibrated_probability(logits, temperature) if temperature is not None else [None] * len(batch)
+    calibrated = I.calibrated_probability(logits, calibration) if calibration is not None else [None] * len(batch)
     calls = [int(p >= threshold) for p in probs]
     rows = [{"path": path, "probability": repr(float(p)), "calibrated_probability": "" if c is None else repr(float(c)),
              "call": LABELS[call], "threshold": repr(float(threshold))}
@@ -103,15 +105,15 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         writer.writerows(rows)
 
 
-def print_table(rows: list[dict], skipped: list[I.Skipped], threshold: float, temperature: float | None,
+def print_table(rows: list[dict], skipped: list[I.Skipped], threshold: float, calibration: dict | None,
                 source: str) -> None:
     width = max([len("path"), *(len(r["path"]) for r in rows)])
     print(f"{'path':<{width}}  P(PNEUMONIA)  calibrated  call")
     for r in rows:
         calibrated = f"{float(r['calibrated_probability']):10.4f}" if r["calibrated_probability"] else f"{'-':>10}"
         print(f"{r['path']:<{width}}  {float(r['probability']):12.4f}  {calibrated}  {r['call']}")
-    t = f"temperature {temperature:.4g}" if temperature is not None else "no temperature"
-    print(f"{len(rows)} predicted; threshold {threshold:.4g} ({source}); {t}")
+    how = f"calibration {C.describe_calibration(calibration)}" if calibration is not None else "no calibration"
+    print(f"{len(rows)} predicted; threshold {threshold:.4g} ({source}); {how}")
     if skipped:
         print(f"{len(skipped)} skipped:")
         for s in skipped:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(accelerator.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    threshold, temperature, source = operating_point(args, cfg, spec, model, accelerator)
+    threshold, calibration, source = operating_point(args, cfg, spec, model, accelerator)
 
     paths, skipped = I.collect_inputs(args.inputs)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         except I.BadImage as exc:
             skipped.append(I.Skipped(path, str(exc)))
         if len(batch) == args.batch_size or (batch and index == len(paths) - 1):
-            rows += predict_batch(model, cfg, spec, accelerator, batch, threshold, temperature, cam_dir)
+            rows += predict_batch(model, cfg, spec, accelerator, batch, threshold, calibration, cam_dir)
             batch = []
 
     fields = ["path", "probability", "calibrated_probability", "call", "threshold"] + (["cam"] if args.cam else [])
     write_csv(args.out / "predictions.csv", rows, fields)
     write_csv(args.out / "skipped.csv", [{"path": s.path, "reason": s.reason} for s in skipped], ["path", "reason"])
-    print_table(rows, skipped, threshold, temperature, source)
+    print_table(rows, skipped, threshold, calibration, source)
     print(f"written to {args.out / 'predictions.csv'} and {args.out / 'skipped.csv'}")
     if not rows:
         print(f"error: no image could be predicted ({len(skipped)} input(s) skipped, see {args.out / 'skipped.csv'})",

@@ -111,8 +111,9 @@ def build_report(
 ) -> dict:
     """Everything `report.json` holds, computed from predictions only (NaN kept; see `write_report`).
 
-    `calibration`: `eval.calibration.fit_on_validation`'s result (temperature fitted on validation); the
-    report adds ECE, Brier and NLL before/after it on this split. The threshold stays on raw probabilities.
+    `calibration`: `eval.calibration.fit_on_validation`'s result (the map chosen and fitted on validation); the
+    report adds ECE, Brier and NLL before/after it on this split (on validation itself the fit's own, in-sample
+    summary is kept). The threshold stays on raw probabilities.
     """
     keys = list(keys)
     labels = np.asarray(labels, dtype=np.int64)
@@ -140,7 +141,8 @@ def build_report(
             "subtypes": subtype_recall(keys, labels, tta_probs, threshold, metadata),
         }
     if calibration is not None:
-        report["calibration"] = {**calibration, split: C.calibration_summary(labels, probs, calibration["temperature"])}
+        summary = calibration[split] if split in calibration else C.calibration_summary(labels, probs, calibration)
+        report["calibration"] = {**calibration, split: summary}
     report["provenance"] = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
     return report
 
@@ -329,17 +331,36 @@ def render_markdown(report: dict) -> str:
 
 
 def render_calibration(report: dict) -> list[str]:
-    """Markdown lines: ECE, Brier and NLL of raw vs temperature-scaled probabilities on the fit and this split."""
+    """Markdown lines: how the calibration was chosen, and ECE, Brier and NLL of raw vs calibrated probabilities."""
     cal = report["calibration"]
-    lines = [f"Calibration: temperature **T = {cal['temperature']:.4g}** fitted on the validation split "
-             f"(NLL), applied as softmax(logits / T); the decision threshold stays on the raw probability. "
-             f"ECE over {cal['bins']} equal-width bins of P(PNEUMONIA).", "",
-             "| Split | Probabilities | ECE | Brier | NLL |", "|---|---|---|---|---|"]
-    for split in dict.fromkeys(("val", report["split"])):
-        s = cal[split]
-        for which, name in (("before", "raw"), ("after", f"T = {cal['temperature']:.3g}")):
-            lines.append(f"| {split} (n = {s['samples']}) | {name} | {s['ece'][which]:.4f} | {s['brier'][which]:.4f} "
-                         f"| {s['nll'][which]:.4f} |")
+    formula = ("sigmoid(a (l1 - l0) + b)" if cal["method"] == "platt" else "softmax(logits / T)")
+    lines = [f"Calibration: **{C.describe_calibration(cal)}** fitted on the validation split (NLL), applied as "
+             f"{formula}; the decision threshold stays on the raw probability. "
+             f"ECE over {cal['bins']} equal-width bins of P(PNEUMONIA)."]
+    selection = cal.get("selection", {})
+    if "nll" in selection:
+        nll = selection["nll"]
+        lines += ["", f"Chosen by {selection['criterion']}: temperature {nll['temperature']:.4f}, "
+                  f"Platt {nll['platt']:.4f}. The in-sample validation rows use the predictions the map was fitted on; "
+                  "the out-of-fold rows (each sample calibrated by a fit on the other folds) are the honest "
+                  "validation figures."]
+    elif "skipped" in selection:
+        lines += ["", f"No cross-validated choice: {selection['skipped']}."]
+    lines += ["", "| Split | Probabilities | ECE | Brier | NLL |", "|---|---|---|---|---|"]
+    names = {"before": "raw", "after": C.describe_calibration(cal)}
+    if cal.get("temperature") is not None:
+        names["temperature"] = f"temperature T = {cal['temperature']:.3g}"
+    per_fold = {"before": "raw", "after": f"{cal['method']}, fitted per fold", "temperature": "temperature, fitted per fold"}
+    rows = [(f"val, in-sample (n = {cal['val']['samples']})", cal["val"], names)]
+    if "val_out_of_fold" in cal:
+        rows.append((f"val, out-of-fold (n = {cal['val_out_of_fold']['samples']})", cal["val_out_of_fold"], per_fold))
+    if report["split"] != "val":
+        rows.append((f"{report['split']} (n = {cal[report['split']]['samples']})", cal[report["split"]], names))
+    for title, s, columns in rows:
+        for which, name in columns.items():
+            if which in s["ece"]:
+                lines.append(f"| {title} | {name} | {s['ece'][which]:.4f} | {s['brier'][which]:.4f} "
+                             f"| {s['nll'][which]:.4f} |")
     return lines
 
 
@@ -354,8 +375,8 @@ def write_report(out_dir: str | Path, report: dict, keys, labels, probs, metadat
     probs = np.asarray(probs, dtype=np.float64)
     paths = {name: out_dir / name for name in (
         "report.json", "report.md", "predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png")}
-    temperature = report["calibration"]["temperature"] if "calibration" in report else None
-    calibrated = C.apply_temperature(probs, temperature) if temperature is not None else None
+    cal = report.get("calibration")
+    calibrated = C.apply_calibration(probs, cal) if cal is not None else None
     write_predictions_csv(paths["predictions.csv"], keys, labels, probs, report["threshold"]["value"], metadata, tta_probs,
                           calibrated)
     paths["report.json"].write_text(json.dumps(_finite_or_none(report), indent=2, allow_nan=False) + "\n")
@@ -363,8 +384,8 @@ def write_report(out_dir: str | Path, report: dict, keys, labels, probs, metadat
     plot_confusion_matrix(report, paths["confusion_matrix.png"])
     plot_roc(labels, probs, report, paths["roc_curve.png"])
     plot_pr(labels, probs, report, paths["pr_curve.png"])
-    if temperature is not None:
+    if cal is not None:
         paths["reliability_diagram.png"] = out_dir / "reliability_diagram.png"
-        C.plot_reliability_diagram(labels, probs, temperature, paths["reliability_diagram.png"],
-                                   f"Reliability, {report['split']} split (T fitted on val)")
+        C.plot_reliability_diagram(labels, probs, cal, paths["reliability_diagram.png"],
+                                   f"Reliability, {report['split']} split (calibration fitted on val)")
     return paths

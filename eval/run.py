@@ -23,11 +23,11 @@ unchanged to the requested split; the test set is never used to pick it. Which v
 `--threshold-on val+val-shifted` (the default) pools the clean split with the same images under the shift
 proxy, so the threshold holds up at other sites too; `val` alone is the classic choice, which shift moves
 (eval/threshold.py). Every report carries the transfer table that compares the three rules on held-out
-validation patients, clean and shifted. The calibration temperature is
-fitted on validation too (always); with `--threshold val` both are saved as the run's operating point,
-`RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
+validation patients, clean and shifted. The calibration (temperature or Platt scaling, chosen by
+cross-validated NLL) is fitted on clean validation too (always); with `--threshold val` both are saved as the
+run's operating point, `RUN_DIR/calibration.json`, which `scripts/predict.py` and `scripts/export_model.py` use.
 `--split val-shifted` (any `<split>-shifted`) evaluates that split under the acquisition-shift proxy of
-pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; the temperature
+pipelines/shift.py with the run's `data.shift_seed`, as training's `val_shifted/*` does; the calibration
 still comes from the clean validation split (the Grad-CAM grid shows the unshifted images). Training's
 `val_shifted/*` metrics use the clean-val threshold: `--threshold-on val` reproduces them.
 Shards whose manifest is not the one the model was trained on (sha256 in `best/meta.json`) are refused
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         raise EvalError(problem)
     split, shifted = base_split(args.split, manifest["splits"])
-    # Validation is always predicted: the temperature (and, with --threshold val, the threshold) is fitted there.
+    # Validation is always predicted: the calibration (and, with --threshold val, the threshold) is fitted there.
     for needed in {split, cfg.data.val_split}:
         if needed not in manifest["splits"]:
             raise EvalError(f"split {needed!r} is not in {shards / 'manifest.json'} "

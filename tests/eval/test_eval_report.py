@@ -39,13 +39,15 @@ def test_report_folder_round_trips_through_predictions_csv(tmp_path):
     back = R.read_predictions_csv(paths["predictions.csv"])
     assert back["keys"] == keys and back["labels"].tolist() == labels.tolist()
     assert np.array_equal(back["probs"], probs)  # exact, not approximate
-    # Calibrated probabilities: the validation temperature applied to these; the test split's ECE/Brier from them.
-    assert saved["calibration"]["temperature"] == calibration["temperature"] != 1.0
-    np.testing.assert_array_equal(back["calibrated_probs"], C.apply_temperature(probs, calibration["temperature"]))
-    assert saved["calibration"]["test"]["ece"] == {
-        "before": C.expected_calibration_error(labels, probs),
-        "after": C.expected_calibration_error(labels, back["calibrated_probs"])}
+    # Calibrated probabilities: the map chosen on validation applied to these; the test split's ECE/Brier from them.
+    for key in ("method", "slope", "intercept", "temperature", "selection"):
+        assert saved["calibration"][key] == calibration[key], key
+    assert saved["calibration"]["temperature"] != 1.0 and "nll" in saved["calibration"]["selection"]
+    np.testing.assert_array_equal(back["calibrated_probs"], C.apply_calibration(probs, calibration))
+    assert saved["calibration"]["test"]["ece"]["before"] == C.expected_calibration_error(labels, probs)
+    assert saved["calibration"]["test"]["ece"]["after"] == C.expected_calibration_error(labels, back["calibrated_probs"])
     assert saved["calibration"]["val"]["brier"]["before"] == C.brier_score(val_labels, val_probs)
+    assert saved["calibration"]["val"]["in_sample"] and not saved["calibration"]["val_out_of_fold"]["in_sample"]
     again = R.build_report(back["keys"], back["labels"], back["probs"], split="test", threshold=saved["threshold"]["value"],
                            threshold_info={"method": "fixed"}, metadata=back["metadata"],
                            n_resamples=saved["bootstrap"]["resamples"], seed=saved["bootstrap"]["seed"],
@@ -69,7 +71,9 @@ def test_report_folder_round_trips_through_predictions_csv(tmp_path):
             image.verify()
             assert image.format == "PNG"
     md = paths["report.md"].read_text()
-    assert f"T = {calibration['temperature']:.4g}" in md
+    assert C.describe_calibration(calibration) in md and "out-of-fold" in md
+    assert f"{calibration['selection']['nll']['platt']:.4f}" in md
+    assert f"{saved['calibration']['test']['ece']['after']:.4f}" in md
     assert f"{saved['metrics']['auroc']['value']:.3f} [{saved['metrics']['auroc']['ci95'][0]:.3f}" in md
 
 

@@ -77,11 +77,16 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
     assert data["same_shards"] and data["valid"] and data["in_training_split"] == {"test": 0, "val": 0}
     assert "WARNING" not in (out / "report.md").read_text()
 
-    # Temperature fitted on the saved validation predictions only, and saved as the run's operating point.
-    assert report["calibration"]["temperature"] == pytest.approx(C.fit_on_validation(val["labels"], val["probs"])["temperature"])
-    np.testing.assert_allclose(test["calibrated_probs"], C.apply_temperature(test["probs"], report["calibration"]["temperature"]))
+    # Calibration chosen and fitted on the saved validation predictions only, and saved as the run's operating point.
+    refit = C.fit_on_validation(val["labels"], val["probs"])
+    assert report["calibration"]["method"] == refit["method"]
+    for key in ("slope", "intercept", "temperature"):
+        assert report["calibration"][key] == pytest.approx(refit[key]), key
+    np.testing.assert_allclose(test["calibrated_probs"], C.apply_calibration(test["probs"], report["calibration"]))
     point = json.loads((smoke_run / "calibration.json").read_text())
-    assert point["threshold"] == report["threshold"]["value"] and point["temperature"] == report["calibration"]["temperature"]
+    assert point["threshold"] == report["threshold"]["value"]
+    assert {k: point["calibration"][k] for k in ("method", "slope", "intercept", "temperature")} == \
+        {k: report["calibration"][k] for k in ("method", "slope", "intercept", "temperature")}
     assert point["model_sha256"] == report["provenance"]["sha256"]["model"] and point["source"]["split"] == "val"
     assert f"{report['calibration']['test']['ece']['before']:.4f}" in (out / "model_card.md").read_text()
 

@@ -36,7 +36,7 @@ def test_model_card_carries_the_report_numbers_data_and_limits(tmp_path):
     card = MC.write_model_card(tmp_path / "model_card.md", report, cfg, meta, manifest).read_text()
     assert R.format_ci(report["metrics"]["auroc"]) in card and R.format_ci(report["metrics"]["recall"]) in card
     cal = report["calibration"]
-    assert f"T = {cal['temperature']:.4g}" in card
+    assert C.describe_calibration(cal) in card
     assert f"{cal['test']['ece']['before']:.4f}" in card and f"{cal['test']['ece']['after']:.4f}" in card
     assert "cd" * 32 in card and "| train | 4000 | 1000 | 3000 | 1500 |" in card
     assert "| virus |" in card and "| bacteria |" in card

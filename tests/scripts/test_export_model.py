@@ -60,7 +60,10 @@ def test_exported_model_gives_the_pytorch_logits_at_any_batch_size(smoke_run, re
     assert float(metadata["mean"]) == spec.mean and float(metadata["std"]) == spec.std
     assert int(metadata["image_size"]) == spec.image_size and int(metadata["channels"]) == spec.channels
     assert json.loads(metadata["labels"]) == ["NORMAL", "PNEUMONIA"]
-    assert float(metadata["threshold"]) == point["threshold"] and float(metadata["temperature"]) == point["temperature"]
+    assert float(metadata["threshold"]) == point["threshold"]
+    cal = point["calibration"]
+    assert metadata["calibration_method"] == cal["method"] and float(metadata["temperature"]) == cal["temperature"]
+    assert (float(metadata["slope"]), float(metadata["intercept"])) == (cal["slope"], cal["intercept"])
     if fmt == "onnx":
         import onnx
 

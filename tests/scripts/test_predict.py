@@ -17,6 +17,7 @@ from _runs import REPO, train_env
 from PIL import Image
 
 from eval import calibration as C
+from eval import inference as I
 from eval import report as R
 from pipelines.manifest import sha256_file
 from pipelines.plan import resolve_split
@@ -73,7 +74,7 @@ def test_predict_matches_eval_and_writes_cams(smoke_run, tiny_shards, tmp_path):
     diff = np.abs(ours - expected["probs"]).max()
     assert diff <= 1e-5, f"predict.py and eval.run differ by {diff:.2e}"
 
-    # The call uses the threshold eval.run chose on validation; calibrated = softmax(logits / T) of that run.
+    # The call uses the threshold eval.run chose on validation; calibrated: that run's calibration map.
     point = json.loads((smoke_run / "calibration.json").read_text())
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert point["threshold"] == report["threshold"]["value"]
@@ -81,8 +82,10 @@ def test_predict_matches_eval_and_writes_cams(smoke_run, tiny_shards, tmp_path):
         assert rows[key]["call"] == ("PNEUMONIA" if prob >= point["threshold"] else "NORMAL")
         assert float(rows[key]["threshold"]) == point["threshold"]
     calibrated = np.array([float(rows[k]["calibrated_probability"]) for k in expected["keys"]])
-    np.testing.assert_allclose(calibrated, C.apply_temperature(ours, point["temperature"]), atol=1e-6)
+    np.testing.assert_allclose(calibrated, C.apply_calibration(ours, point["calibration"]), atol=1e-6)
+    np.testing.assert_allclose(calibrated, expected["calibrated_probs"], atol=1e-5)
     assert f"{len(files)} predicted" in result.stdout and expected["keys"][0] in result.stdout
+    assert C.describe_calibration(point["calibration"]) in result.stdout
 
     size = json.loads((smoke_run / "best" / "meta.json").read_text())["spec"]["image_size"]
     for row in rows.values():
@@ -122,7 +125,8 @@ def test_bad_inputs_are_listed_and_never_stop_the_batch(smoke_run, tiny_shards, 
 def test_operating_point_is_refitted_for_another_model_and_needed_without_validation(smoke_run, tiny_shards, tmp_path):
     image = next(iter(shard_jpegs(tiny_shards, "val", tmp_path / "val").values()))
     run = copy_run(smoke_run, tmp_path / "copy")
-    stale = {"version": 1, "threshold": 0.0, "temperature": 9.0, "model_sha256": "0" * 64, "source": {"split": "val"}}
+    stale = {"version": I.OPERATING_POINT_VERSION, "threshold": 0.0, "model_sha256": "0" * 64, "source": {"split": "val"},
+             "calibration": C.temperature_map(9.0)}
     (run / "calibration.json").write_text(json.dumps(stale))
     result = predict(run, tmp_path / "out", image, tmp=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -130,8 +134,9 @@ def test_operating_point_is_refitted_for_another_model_and_needed_without_valida
     point = json.loads((run / "calibration.json").read_text())
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     assert point["model_sha256"] == sha256_file(run / "best" / "model.safetensors")
-    assert point["source"]["split"] == "val" and point["val"]["samples"] == manifest["splits"]["val"]["samples"]
-    assert 0.0 < point["threshold"] < 1.0 and point["temperature"] != 9.0
+    assert point["source"]["split"] == "val"
+    assert point["calibration"]["val"]["samples"] == manifest["splits"]["val"]["samples"]
+    assert 0.0 < point["threshold"] < 1.0 and point["calibration"]["temperature"] != 9.0
     assert float(read_csv(tmp_path / "out" / "predictions.csv")[0]["threshold"]) == point["threshold"]
 
     # Without calibration.json and without the shards: a --threshold is needed, and nothing is calibrated.
