@@ -500,11 +500,9 @@ def _find_shards(src: Path | None, notes: list[str]) -> Path:
 
     if src is not None:
         out = BENCH_DIR / "originals-shards"
-        manifest = out / "manifest.json"
-        if manifest.is_file():
-            source = Path(json.loads(manifest.read_text()).get("source") or "/").resolve()
-            if source.is_relative_to(src.resolve()):
-                return out
+        source = _manifest_source(out)
+        if source and Path(source).resolve().is_relative_to(src.resolve()):
+            return out
         print(f"building shards of {src} with default make_shards.py settings in {out}", flush=True)
         make_shards(src, out, overwrite=True, progress=False, workers=os.cpu_count() or 1)
         notes.append(f"shards built from --src with default make_shards.py settings: {out}")
@@ -522,11 +520,20 @@ def _find_shards(src: Path | None, notes: list[str]) -> Path:
     return out
 
 
+def _manifest_source(shards: Path) -> str | None:
+    """The `source` a shards folder was made from ("" for synthetic), or None when it has no readable manifest."""
+    from pipelines.manifest import ShardsError, load_manifest
+
+    try:
+        return load_manifest(shards).get("source") or ""
+    except ShardsError:
+        return None
+
+
 def _same_images_note(shards: Path, src: Path) -> list[str]:
     """The loader ratios compare like with like only when the shards were made from --src."""
-    try:
-        source = json.loads((shards / "manifest.json").read_text()).get("source")
-    except (OSError, ValueError):
+    source = _manifest_source(shards)
+    if source is None:
         return []  # the loader itself reports a missing or broken manifest, with the fix
     if source and Path(source).resolve().is_relative_to(src.resolve()):
         return []

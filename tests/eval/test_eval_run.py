@@ -87,7 +87,7 @@ def test_eval_run_writes_a_report_that_predictions_reproduce(smoke_run, tmp_path
     assert point["threshold"] == report["threshold"]["value"]
     assert {k: point["calibration"][k] for k in ("method", "slope", "intercept", "temperature")} == \
         {k: report["calibration"][k] for k in ("method", "slope", "intercept", "temperature")}
-    assert point["model_sha256"] == report["provenance"]["sha256"]["model"] and point["source"]["split"] == "val"
+    assert point["model_sha256"] == report["provenance"]["sha256"]["model"] and point["source"]["split"] == "val+val-shifted"
     assert f"{report['calibration']['test']['ece']['before']:.4f}" in (out / "model_card.md").read_text()
 
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png", "reliability_diagram.png", "gradcam_grid.png"):
@@ -208,10 +208,20 @@ def test_val_threshold_needs_both_classes_in_val():
 
     one_class = (["val-0", "val-1"], np.array([0.2, 0.7]), np.array([1, 1]), None)
     with pytest.raises(EvalError, match="one class only.*--threshold 0.5"):
-        choose_threshold(Namespace(threshold="val", target_sensitivity=None), one_class)
+        choose_threshold(Namespace(threshold="val", threshold_on="val", target_sensitivity=None), one_class,
+                         one_class, ["p0", "p1"])
     both = (["val-0", "val-1", "val-2"], np.array([0.2, 0.7, 0.9]), np.array([0, 1, 1]), None)
-    value, info = choose_threshold(Namespace(threshold="val", target_sensitivity=1.0), both)
+    shifted = (both[0], np.array([0.75, 0.8, 0.95]), both[2], None)
+    value, info = choose_threshold(Namespace(threshold="val", threshold_on="val", target_sensitivity=1.0), both,
+                                   shifted, ["p0", "p1", "p2"])
     assert value == 0.7 and info["method"] == "sensitivity" and info["validation"]["recall"] == 1.0
+    # Pooled with the shifted predictions, the most specific threshold reaching sensitivity 1 is still 0.7
+    # (it clears the clean NORMAL at 0.2 but not the shifted one at 0.75), and both conditions are reported.
+    value, info = choose_threshold(Namespace(threshold="val", threshold_on="val+val-shifted", target_sensitivity=1.0),
+                                   both, shifted, ["p0", "p1", "p2"])
+    assert value == 0.7 and info["chosen_on"] == "val+val-shifted"
+    assert info["validation"]["specificity"] == 1.0 and info["validation_shifted"]["specificity"] == 0.0
+    assert set(info["transfer"]["rules"]) <= {"val", "val-shifted", "val+val-shifted"}
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -134,7 +134,7 @@ def test_operating_point_is_refitted_for_another_model_and_needed_without_valida
     point = json.loads((run / "calibration.json").read_text())
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     assert point["model_sha256"] == sha256_file(run / "best" / "model.safetensors")
-    assert point["source"]["split"] == "val"
+    assert point["source"]["split"] == "val+val-shifted"  # eval.run's default rule
     assert point["calibration"]["val"]["samples"] == manifest["splits"]["val"]["samples"]
     assert 0.0 < point["threshold"] < 1.0 and point["calibration"]["temperature"] != 9.0
     assert float(read_csv(tmp_path / "out" / "predictions.csv")[0]["threshold"]) == point["threshold"]

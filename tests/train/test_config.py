@@ -149,7 +149,7 @@ def test_recipes_load(recipe):
 def test_cpu_recipe_loads_and_comments_every_value():
     # STYLE: each recipe YAML comments every non-default value with its reason.
     cfg = load_config("train/configs/cpu.yaml")
-    assert cfg.model.arch == "resnet18" and cfg.data.image_size == 64
+    assert cfg.model.arch == "resnet50" and cfg.data.image_size == 128 and cfg.train.cpu_threads == 2
     defaults = load_config(None)
     lines = Path("train/configs/cpu.yaml").read_text().splitlines()
     for section in ("data", "model", "optim", "train", "log"):
