@@ -229,8 +229,7 @@ def fit_operating_point_on_val(run_dir: Path, cfg, spec: PreprocessSpec, model: 
     # The same rule as eval.run's default: Youden's J on validation, clean and under the shift proxy, pooled.
     shifted_keys, shifted_probs, _, _ = predict(
         model, ShiftedBatches(loader, mean=spec.mean, std=spec.std, seed=cfg.data.shift_seed), accelerator, tta=False)
-    order = {k: i for i, k in enumerate(shifted_keys)}
-    shifted_probs = np.asarray(shifted_probs)[[order[k] for k in keys]]
+    assert shifted_keys == keys, "predict() sorts by key, so the two passes line up sample by sample"
     choice = T.choose(T.DEFAULT_RULE, labels, probs, shifted_probs, "youden")
     point = build_operating_point(
         threshold=choice["threshold"], threshold_info=choice, calibration=C.fit_on_validation(labels, probs),

@@ -37,7 +37,7 @@ def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, accelerator: Accelerator, tta: bool):
-    """(keys, probs, labels, tta_probs | None) over the whole split, each sample once, on every rank."""
+    """(keys, probs, labels, tta_probs | None) over the whole split, each sample once, sorted by key, on every rank."""
     model.eval()
     keys: list[str] = []
     probs, labels, tta_probs = [], [], []

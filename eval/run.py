@@ -44,7 +44,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -188,16 +187,6 @@ def choose_threshold(args, val_predictions, shifted_predictions, groups) -> tupl
     return choice["threshold"], info
 
 
-def aligned(predictions, keys) -> tuple:
-    """`predictions` (keys, probs, labels, _) reordered to `keys`; the same samples or an EvalError."""
-    index = {k: i for i, k in enumerate(predictions[0])}
-    if sorted(index) != sorted(keys):
-        raise EvalError("the shifted and clean validation passes predicted different samples; re-run, and report "
-                        "this if it repeats")
-    order = np.array([index[k] for k in keys], dtype=np.int64)
-    return list(keys), np.asarray(predictions[1])[order], np.asarray(predictions[2])[order], None
-
-
 def provenance(args, run_dir: Path, shards: Path, cfg: Config, meta: dict, loader, accelerator) -> dict:
     return {
         "run": run_dir.name,
@@ -273,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     val_metadata = R.load_sample_metadata(shards, cfg.data.val_split, manifest)
-    if shifted_predictions is not None:
-        shifted_predictions = aligned(shifted_predictions, val_predictions[0])
+    # predict() returns samples sorted by key, so the two passes line up sample by sample.
+    assert shifted_predictions is None or shifted_predictions[0] == val_predictions[0], "predict() sorts by key"
     groups = [val_metadata.get(k, {}).get("patient") or k for k in val_predictions[0]]
     threshold, threshold_info = choose_threshold(args, val_predictions, shifted_predictions, groups)
     calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])

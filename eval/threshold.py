@@ -51,11 +51,8 @@ def choose(on: str, labels, clean, shifted=None, method: str = "youden", target_
 
 def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float, float]:
     """(sensitivity, specificity, accuracy) at `p >= threshold`; NaN for a class that is absent."""
-    called = p >= threshold
-    pos, neg = y == 1, y == 0
-    sens = called[pos].mean() if pos.any() else np.nan
-    spec = (~called[neg]).mean() if neg.any() else np.nan
-    return float(sens), float(spec), float((called == pos).mean())
+    r = M.rates_from_counts(**M.confusion_counts(y, p, threshold))
+    return r["recall"], r["specificity"], r["accuracy"]
 
 
 def transfer_table(labels, clean, shifted, groups, *, method: str = "youden", target_sensitivity: float = 0.95,
