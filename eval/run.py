@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = fit_on_validation(val_labels=val_predictions[2], val_probs=val_predictions[1])
     data_check = check_training_overlap(meta, run_dir / "best", shards, manifest,
                                         [split, cfg.data.val_split], args.allow_other_shards)
-    metadata = R.load_sample_metadata(shards, split, manifest)
+    metadata = val_metadata if split == cfg.data.val_split else R.load_sample_metadata(shards, split, manifest)
     origin = provenance(args, run_dir, shards, cfg, meta, loader, accelerator)
     if shifted:
         origin["shift"] = describe(cfg.data.shift_seed)
