@@ -87,7 +87,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # mixup: blend image pairs with Beta(alpha, alpha) weights, soft targets; 0 disables
     cutmix_alpha: float = 0.0  # cutmix: paste a box of another image, area from Beta(alpha, alpha); 0 disables
     mix_prob: float = 1.0  # share of batches mixed (mixup or cutmix, chosen 50/50 when both are on)
-    cpu_threads: int = 0  # CPU runs: torch threads per process; 0 = the cores data.num_workers leaves free (OMP_NUM_THREADS wins)
+    cpu_threads: int = 0  # CPU runs: torch threads per process (wins over OMP_NUM_THREADS); 0 = OMP_NUM_THREADS, else the cores data.num_workers leaves free
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,8 @@ def test_cpu_recipe_loads_and_comments_every_value():
 
 
 def test_cpu_threads_key_env_and_default(monkeypatch):
-    """OMP_NUM_THREADS wins, then train.cpu_threads, then the cores data.num_workers leaves free."""
+    """train.cpu_threads wins (accelerate launch exports OMP_NUM_THREADS=1), then OMP_NUM_THREADS, then the
+    cores data.num_workers leaves free."""
     import types
 
     import torch
@@ -180,7 +181,10 @@ def test_cpu_threads_key_env_and_default(monkeypatch):
         torch.set_num_threads(1)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         configure_cpu_threads(load_config(None, ["--train.cpu_threads=2"]), cpu)
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        configure_cpu_threads(load_config(None, ["--data.num_workers=1"]), cpu)
+        assert torch.get_num_threads() == 1  # the variable, not the 3 free cores
         with pytest.raises(ConfigError, match="train.cpu_threads"):
             load_config(None, ["--train.cpu_threads=-1"])
     finally:
